@@ -1,0 +1,1 @@
+"""Workloads and benchmark runners (the figures go to benchmarks/results/)."""

@@ -1,0 +1,147 @@
+"""Benchmark of the LoRA op at Punica's shape: ours (eager, CUDA graph) vs loop vs gather-BMM.
+
+    python -m punica.bench.lora_op [--out-dir benchmarks/results] [--quick] [--sweep]
+
+x[bs, 4096] . A[4096, r] . B[r, 11008], fp16, the four mixes; each figure beside its floor (bytes
+that must move / device-to-device copy bandwidth measured in the same run). Writes lora_op.json and
+lora_op.png to --out-dir; `python -m punica.bench.report` renders the table into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from punica.bench import lora_cases as lc
+from punica.bench.timing import copy_bandwidth_TBps, eager_us, graph_us, run_info
+from punica.ops import lora, lora_ref
+
+IN_F, OUT_F = 4096, 11008
+BATCH_SIZES = (1, 8, 16, 32, 64, 128)
+MIX_NAMES = ("distinct", "uniform", "skewed", "identical")
+
+
+def all_cases(quick: bool) -> list[lc.Case]:
+    sizes = (1, 64) if quick else BATCH_SIZES
+    cases = [lc.Case(mix, bs, 16) for mix in MIX_NAMES for bs in sizes]
+    cases += [lc.Case(mix, 64, r) for r in (8, 32, 64) for mix in MIX_NAMES]
+    return cases
+
+
+def check(b: lc.Bench) -> float:
+    """Relative error of our output vs the torch reference on call 0 (fresh random inputs)."""
+    c = b.calls[0]
+    y0 = c.y.clone()
+    ref = y0.clone()
+    lora_ref.add_lora_ref(ref, c.x, b.A, b.B, c.indptr, c.slots, b.ranks, b.scales)
+    lc.ours(b, c)
+    err = ((c.y.float() - ref.float()).norm() / ref.float().norm()).item()
+    c.y.copy_(y0)
+    return err
+
+
+def measure(case: lc.Case, copy_tbps: float, l2_bytes: int) -> dict[str, object]:
+    b = lc.build(case, IN_F, OUT_F, torch.float16, l2_bytes)
+    first = b.calls[0]
+    row: dict[str, object] = {"mix": case.mix, "bs": case.bs, "rank": case.rank,
+                              "adapters": b.num_adapters, "rotations": len(b.calls)}
+    row["rel_err"] = check(b)
+    row["ours_us"] = eager_us(lambda: lc.ours(b, first))
+    row["ours_graph_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
+    row["loop_us"] = eager_us(lambda: lc.loop(b, first))
+    row["gather_bmm_us"] = eager_us(lambda: lc.gather_bmm(b, first))
+    row["floor_us"] = b.floor_bytes(IN_F, OUT_F) / (copy_tbps * 1e12) * 1e6
+    return row
+
+
+def sweep(copy_tbps: float, l2_bytes: int) -> list[dict[str, object]]:
+    """Graph time of shrink-only and expand-only launches over a grid of configs."""
+    out: list[dict[str, object]] = []
+    for case in (lc.Case("distinct", 64, 16), lc.Case("distinct", 8, 16),
+                 lc.Case("identical", 64, 16), lc.Case("distinct", 128, 16),
+                 lc.Case("distinct", 64, 64)):
+        b = lc.build(case, IN_F, OUT_F, torch.float16, l2_bytes)
+        base_shrink = lora.shrink_config(case.bs, b.num_adapters, IN_F, case.rank)
+        for splits in (2, 4, 8, 16):
+            for block_k in (64, 128, 256):
+                for warps in (2, 4):
+                    cfg = lora.ShrinkConfig(base_shrink.block_m, base_shrink.block_r, block_k,
+                                            splits, warps)
+                    t = graph_us([_bind(_shrink_only, b, c, cfg) for c in b.calls])
+                    out.append({"case": str(case), "kernel": "shrink", "config": str(cfg),
+                                "us": t})
+        for block_n in (64, 128, 256, 512):
+            for warps in (2, 4, 8):
+                for stages in (1, 2):
+                    cfg = lora.ExpandConfig(base_shrink.block_m, block_n, 16, warps, stages)
+                    t = graph_us([_bind(_expand_only, b, c, cfg) for c in b.calls])
+                    out.append({"case": str(case), "kernel": "expand", "config": str(cfg),
+                                "us": t})
+    return out
+
+
+def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:
+    return lambda: fn(*args)
+
+
+def _shrink_only(b: lc.Bench, c: lc.Call, cfg: lora.ShrinkConfig) -> None:
+    T, R = c.x.shape[0], b.A.shape[1]
+    v = b.workspace[: cfg.num_splits * T * R].view(cfg.num_splits, T, R)
+    lora.sgmv_shrink(c.x, b.A, c.indptr, c.slots, b.ranks, v, cfg)
+
+
+def _expand_only(b: lc.Bench, c: lc.Call, cfg: lora.ExpandConfig) -> None:
+    T, R = c.x.shape[0], b.A.shape[1]
+    splits = lora.shrink_config(T, c.slots.numel(), c.x.shape[1], R).num_splits
+    v = b.workspace[: splits * T * R].view(splits, T, R)
+    lora.sgmv_expand(v, b.B, c.indptr, c.slots, b.ranks, b.scales, c.y, cfg)
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    cols = ("mix", "bs", "rank", "floor_us", "ours_graph_us", "ours_us", "loop_us",
+            "gather_bmm_us", "rel_err")
+    print(" | ".join(f"{c:>13}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}"
+                         for c in cols))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="bs 1 and 64 only")
+    ap.add_argument("--sweep", action="store_true", help="also sweep launch configs")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("lora_op: needs a CUDA device", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    l2_bytes = int(getattr(props, "L2_cache_size", 60 << 20))
+    copy_tbps = copy_bandwidth_TBps()
+    print(f"copy bandwidth {copy_tbps:.3f} TB/s, L2 {l2_bytes >> 20} MiB")
+    rows = []
+    for case in all_cases(args.quick):
+        rows.append(measure(case, copy_tbps, l2_bytes))
+        torch.cuda.empty_cache()
+    result = {**run_info("python -m punica.bench.lora_op " + " ".join(argv or sys.argv[1:])),
+              "copy_TBps": copy_tbps, "shape": {"in": IN_F, "out": OUT_F, "dtype": "float16"},
+              "rows": rows}
+    if args.sweep:
+        result["sweep"] = sweep(copy_tbps, l2_bytes)
+    (out_dir / "lora_op.json").write_text(json.dumps(result, indent=1))
+    print_table(rows)
+    from punica.bench.report import plot_lora_op
+
+    plot_lora_op(result, out_dir / "lora_op.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) beside their pure-torch references (`*_ref.py`)."""

@@ -1,0 +1,91 @@
+"""Argument checks of the SGMV ops: shapes, dtypes, devices and strides, then (optionally) values.
+
+Every failure is a `ValueError` naming the argument and what was expected. Value checks read the
+segment table and the per-slot ranks, which on a GPU is a host sync: they always run for CPU
+tensors, and for CUDA tensors only when asked (`check_values=True`). The engine builds its segment
+table on the host and validates it there before the single upload per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def expect(ok: bool, name: str, expected: str, got: object) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def check_activation(name: str, t: torch.Tensor, cols: int | None = None) -> None:
+    """A 2-D [T, features] activation of fp16/bf16/fp32 with unit column stride."""
+    expect(t.dim() == 2, name, "a 2-D tensor [num_tokens, features]", tuple(t.shape))
+    expect(t.dtype in ACT_DTYPES, f"{name}.dtype", "float16, bfloat16 or float32", t.dtype)
+    expect(t.stride(1) == 1 or t.shape[1] <= 1, f"{name}.stride(1)", "1 (rows contiguous)",
+           t.stride(1))
+    if cols is not None:
+        expect(t.shape[1] == cols, f"{name}.shape[1]", str(cols), t.shape[1])
+
+
+def check_pool(name: str, pool: torch.Tensor, dtype: torch.dtype, device: torch.device,
+               features: int) -> None:
+    """A contiguous [num_slots, max_rank, features] weight pool matching the activations."""
+    expect(pool.dim() == 3, name, "a 3-D tensor [num_slots, max_rank, features]",
+           tuple(pool.shape))
+    expect(pool.is_contiguous(), name, "a contiguous tensor", f"strides {pool.stride()}")
+    expect(pool.dtype == dtype, f"{name}.dtype", str(dtype), pool.dtype)
+    expect(pool.device == device, f"{name}.device", str(device), pool.device)
+    expect(pool.shape[2] == features, f"{name}.shape[2]", str(features), pool.shape[2])
+    expect(pool.shape[1] >= 1, f"{name}.shape[1] (max_rank)", ">= 1", pool.shape[1])
+
+
+def check_vector(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                 numel: int | None = None) -> None:
+    expect(t.dim() == 1, name, "a 1-D tensor", tuple(t.shape))
+    expect(t.dtype == dtype, f"{name}.dtype", str(dtype), t.dtype)
+    expect(t.device == device, f"{name}.device", str(device), t.device)
+    expect(t.is_contiguous(), name, "a contiguous tensor", f"stride {t.stride()}")
+    if numel is not None:
+        expect(t.numel() == numel, f"{name}.numel()", str(numel), t.numel())
+
+
+def check_segments(indptr: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
+                   device: torch.device, num_slots: int) -> None:
+    check_vector("slots", slots, torch.int32, device)
+    check_vector("indptr", indptr, torch.int32, device, slots.numel() + 1)
+    check_vector("ranks", ranks, torch.int32, device, num_slots)
+
+
+def check_workspace(v: torch.Tensor, num_tokens: int, max_rank: int,
+                    device: torch.device) -> None:
+    """v: contiguous float32 [num_splits, num_tokens, max_rank]."""
+    expect(v.dim() == 3, "v", "a 3-D tensor [num_splits, num_tokens, max_rank]", tuple(v.shape))
+    expect(v.dtype == torch.float32, "v.dtype", "torch.float32", v.dtype)
+    expect(v.device == device, "v.device", str(device), v.device)
+    expect(v.is_contiguous(), "v", "a contiguous tensor", f"strides {v.stride()}")
+    expect(v.shape[0] >= 1, "v.shape[0] (num_splits)", ">= 1", v.shape[0])
+    expect(tuple(v.shape[1:]) == (num_tokens, max_rank), "v.shape[1:]",
+           str((num_tokens, max_rank)), tuple(v.shape[1:]))
+
+
+def check_values(indptr: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
+                 num_tokens: int, max_rank: int) -> None:
+    """indptr: 0, non-decreasing, <= T; slots in [-1, num_slots); ranks in [0, max_rank]."""
+    bounds = indptr.tolist()
+    expect(bounds[0] == 0, "indptr[0]", "0", bounds[0])
+    bad = [i for i in range(len(bounds) - 1) if bounds[i + 1] < bounds[i]]
+    expect(not bad, "indptr", "a non-decreasing sequence", f"a decrease after index {bad[:1]}")
+    expect(bounds[-1] <= num_tokens, "indptr[-1]", f"<= num_tokens ({num_tokens})", bounds[-1])
+    num_slots = ranks.numel()
+    out = [w for w in slots.tolist() if not -1 <= w < num_slots]
+    expect(not out, "slots", f"values in [-1, {num_slots}) (-1 = no adapter)", out[:4])
+    over = [(w, r) for w, r in enumerate(ranks.tolist()) if not 0 <= r <= max_rank]
+    expect(not over, "ranks", f"values in [0, {max_rank}] (the pool's max_rank)",
+           f"(slot, rank) {over[:4]}")
+
+
+def should_check_values(tensor: torch.Tensor, check_values_flag: bool | None) -> bool:
+    if check_values_flag is None:
+        return tensor.device.type == "cpu"
+    return check_values_flag

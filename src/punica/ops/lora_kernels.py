@@ -1,0 +1,131 @@
+"""Triton kernels of SGMV (segmented gather matrix-vector), the Punica LoRA ops.
+
+Launch geometry (both kernels). Axis 0 enumerates *row tiles*: every segment with an adapter
+(slot >= 0) is cut into ceil(len / BLOCK_M) tiles of at most BLOCK_M rows, and tiles are numbered
+segment by segment. The grid is sized by a host-side upper bound, min(T, cdiv(T, BLOCK_M) + S),
+so it never depends on device data: no host sync, and a CUDA graph can replay it for any
+segmentation of the same T and S. Each program finds its tile with a vectorised prefix sum over the
+segment table (`_locate_tile`); programs past the last tile, and rank tiles past a slot's rank,
+exit at once. So a batch of ranks 8, 16 and 64 does the work of those ranks, whatever the pool's
+max rank.
+
+Split-K shrink. Decode batches have one row per segment, too little parallelism to stream the A
+weights at full bandwidth, so the shrink splits the `in` dimension over axis 2 and writes one fp32
+partial per split into v[split]; the expand sums the partials while loading v (deterministic, no
+atomics, no zero-fill launch).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _locate_tile(indptr_ptr, slots_ptr, num_segments, pid, BLOCK_M: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """(found, row_start, row_end, slot) of row tile `pid`; found is false past the last tile."""
+    seg_ids = tl.arange(0, BLOCK_S)
+    in_table = seg_ids < num_segments
+    starts = tl.load(indptr_ptr + seg_ids, mask=in_table, other=0)
+    ends = tl.load(indptr_ptr + seg_ids + 1, mask=in_table, other=0)
+    seg_slots = tl.load(slots_ptr + seg_ids, mask=in_table, other=-1)
+    lengths = tl.maximum(ends - starts, 0)
+    tiles = tl.where(seg_slots >= 0, (lengths + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_end = tl.cumsum(tiles, axis=0)
+    found = pid < tl.sum(tiles, axis=0)
+    seg = tl.sum((tiles_end <= pid).to(tl.int32), axis=0)
+    here = seg_ids == seg
+    tile_in_seg = pid - tl.sum(tl.where(here, tiles_end - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(here, starts, 0), axis=0) + tile_in_seg * BLOCK_M
+    row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+    slot = tl.sum(tl.where(here, seg_slots, 0), axis=0)
+    return found, row_start, row_end, slot
+
+
+@triton.jit
+def sgmv_shrink_kernel(
+    x_ptr, a_ptr, v_ptr, indptr_ptr, slots_ptr, ranks_ptr,
+    num_segments, num_slots, max_rank, K, k_per_split,
+    stride_xm, stride_as, stride_ar, stride_vs, stride_vm,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """v[split, rows, r-tile] = x[rows, k-split] @ A[slot, r-tile, k-split].T  (fp32 partials)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    found, row_start, row_end, slot = _locate_tile(
+        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S)
+    if not found or slot >= num_slots:
+        return
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+    r_start = pid_r * BLOCK_R
+    if r_start >= rank:
+        return
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < row_end
+    mask_r = offs_r < rank
+    k_start = pid_k * k_per_split
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    a_ptrs = (a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
+              + (k_start + offs_k)[:, None])
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        mask_k = (k_start + k + offs_k) < K
+        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a_tile = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if DOT_IN_FP32:
+            x_tile = x_tile.to(tl.float32)
+            a_tile = a_tile.to(tl.float32)
+        acc = tl.dot(x_tile, a_tile, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    v_ptrs = (v_ptr + pid_k * stride_vs + offs_m.to(tl.int64)[:, None] * stride_vm
+              + offs_r[None, :])
+    tl.store(v_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def sgmv_expand_kernel(
+    v_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
+    num_segments, num_slots, max_rank, N, num_splits,
+    stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """y[rows, n-tile] += scale[slot] * v.sum(0)[rows, :rank] @ B[slot, :rank, n-tile]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    found, row_start, row_end, slot = _locate_tile(
+        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S)
+    if not found or slot >= num_slots:
+        return
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+    scale = tl.load(scales_ptr + slot)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < row_end
+    mask_n = offs_n < N
+    rows64 = offs_m.to(tl.int64)
+    b_base = b_ptr + slot.to(tl.int64) * stride_bs
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r_start in range(0, rank, BLOCK_R):
+        offs_r = r_start + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        mask_v = mask_m[:, None] & mask_r[None, :]
+        v_ptrs = v_ptr + rows64[:, None] * stride_vm + offs_r[None, :]
+        v_tile = tl.load(v_ptrs, mask=mask_v, other=0.0)
+        for split in range(1, num_splits):
+            v_tile += tl.load(v_ptrs + split * stride_vs, mask=mask_v, other=0.0)
+        b_ptrs = b_base + offs_r[:, None] * stride_br + offs_n[None, :]
+        b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(v_tile, b_tile.to(tl.float32), acc, input_precision=PRECISION)
+    y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    y_tile = tl.load(y_ptrs, mask=mask_y, other=0.0)
+    out = y_tile.to(tl.float32) + scale * acc
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)

@@ -1,0 +1,31 @@
+"""Test setup: without CUDA, Triton kernels run on CPU tensors under Triton's interpreter.
+
+TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it when it
+decorates), so it is set here, first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests run: the GPU when there is one, else the CPU under the interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")

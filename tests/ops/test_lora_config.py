@@ -1,0 +1,35 @@
+"""Launch heuristics of the SGMV ops: splits, grid bounds and workspace size."""
+
+from __future__ import annotations
+
+import pytest
+
+from punica.ops import lora
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 7, 8, 63, 64, 128, 512, 1000, 4096, 8192, 32768])
+@pytest.mark.parametrize("in_features", [64, 1024, 4096, 11008, 28672])
+def test_splits_fit_the_workspace(num_tokens: int, in_features: int) -> None:
+    for num_segments in {1, max(1, num_tokens // 4), num_tokens}:
+        cfg = lora.shrink_config(num_tokens, num_segments, in_features, 64)
+        assert 1 <= cfg.num_splits <= lora.MAX_SPLITS
+        assert cfg.num_splits == 1 or in_features // cfg.num_splits >= lora.MIN_K_PER_SPLIT
+        assert cfg.num_splits * num_tokens * 64 <= lora.workspace_numel(num_tokens, 64)
+
+
+def test_decode_batch_gets_split_k_and_prefill_does_not() -> None:
+    assert lora.shrink_config(64, 64, 4096, 16).num_splits == 8
+    assert lora.shrink_config(1, 1, 4096, 16).num_splits == 16
+    assert lora.shrink_config(8192, 1, 4096, 16).num_splits == 1
+
+
+def test_block_m_follows_mean_segment_length() -> None:
+    assert lora.shrink_config(64, 64, 4096, 16).block_m == 16
+    assert lora.shrink_config(64, 2, 4096, 16).block_m == 32
+    assert lora.expand_config(2048, 1, 4096, 16).block_m == 64
+
+
+def test_rank_block_covers_small_and_large_pools() -> None:
+    assert lora.shrink_config(8, 8, 4096, 8).block_r == 16
+    assert lora.shrink_config(8, 8, 4096, 32).block_r == 32
+    assert lora.shrink_config(8, 8, 4096, 128).block_r == 64
