@@ -72,11 +72,14 @@ def make_problem(
     if base_only_every:
         slots = [-1 if i % base_only_every == 1 else w for i, w in enumerate(slots)]
     i32 = dict(dtype=torch.int32, device=device)
+    # B rows scaled by 1/sqrt(rank): every slot's delta is O(1), large beside y0 whatever its rank.
+    b_scale = torch.tensor([r**-0.5 for r in slot_ranks])[:, None, None]
     return Problem(
         x=randn(num_tokens, in_features),
         y0=randn(num_tokens, out_features, scale=0.1),
         A=randn(num_slots, max_rank, in_features, scale=in_features**-0.5),
-        B=randn(num_slots, max_rank, out_features, scale=0.5),
+        B=(torch.randn(num_slots, max_rank, out_features, generator=gen) * b_scale).to(dtype)
+        .to(device),
         indptr=torch.tensor(indptr_of(lengths), **i32),
         slots=torch.tensor(slots, **i32),
         ranks=torch.tensor(slot_ranks, **i32),

@@ -6,6 +6,8 @@ Outputs are poisoned (NaN) before each kernel call, so an unwritten element fail
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,6 +35,9 @@ def run_kernels(p: Problem, shrink: lora.ShrinkConfig | None = None,
     v = torch.full((shrink.num_splits, T, p.max_rank), float("nan"), device=p.x.device)
     lora.sgmv_shrink(p.x, p.A, p.indptr, p.slots, p.ranks, v, shrink)
     y = p.y0.clone()
+    # Right after its shrink, so the expand may read y and B before its wait (PDL, on Hopper).
+    expand = expand or dataclasses.replace(
+        lora.expand_config(T, p.slots.numel(), p.y0.shape[1], p.max_rank), use_pdl=None)
     lora.sgmv_expand(v, p.B, p.indptr, p.slots, p.ranks, p.scales, y, expand)
     return v, y
 

@@ -6,6 +6,7 @@ times the L2, so replaying them back to back times every call with cold weights.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -93,6 +94,8 @@ def ours(b: Bench, c: Call, shrink: lora.ShrinkConfig | None = None,
         return
     T = c.x.shape[0]
     shrink = shrink or lora.shrink_config(T, c.slots.numel(), c.x.shape[1], b.A.shape[1])
+    expand = expand or dataclasses.replace(
+        lora.expand_config(T, c.slots.numel(), c.y.shape[1], b.A.shape[1]), use_pdl=None)
     v = b.workspace[: shrink.num_splits * T * b.A.shape[1]].view(shrink.num_splits, T, -1)
     lora.sgmv_shrink(c.x, b.A, c.indptr, c.slots, b.ranks, v, shrink)
     lora.sgmv_expand(v, b.B, c.indptr, c.slots, b.ranks, b.scales, c.y, expand)

@@ -10,7 +10,9 @@ lora_op.png to --out-dir; `python -m punica.bench.report` renders the table into
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,35 +55,33 @@ def measure(case: lc.Case, copy_tbps: float, l2_bytes: int) -> dict[str, object]
     row["rel_err"] = check(b)
     row["ours_us"] = eager_us(lambda: lc.ours(b, first))
     row["ours_graph_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
+    os.environ["PUNICA_DISABLE_PDL"] = "1"
+    row["ours_graph_nopdl_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
+    del os.environ["PUNICA_DISABLE_PDL"]
     row["loop_us"] = eager_us(lambda: lc.loop(b, first))
     row["gather_bmm_us"] = eager_us(lambda: lc.gather_bmm(b, first))
     row["floor_us"] = b.floor_bytes(IN_F, OUT_F) / (copy_tbps * 1e12) * 1e6
     return row
 
 
-def sweep(copy_tbps: float, l2_bytes: int) -> list[dict[str, object]]:
-    """Graph time of shrink-only and expand-only launches over a grid of configs."""
+def sweep(l2_bytes: int) -> list[dict[str, object]]:
+    """Graph time of the shrink + expand pair over a grid of shrink and of expand configs."""
     out: list[dict[str, object]] = []
     for case in (lc.Case("distinct", 64, 16), lc.Case("distinct", 8, 16),
                  lc.Case("identical", 64, 16), lc.Case("distinct", 128, 16),
                  lc.Case("distinct", 64, 64)):
         b = lc.build(case, IN_F, OUT_F, torch.float16, l2_bytes)
-        base_shrink = lora.shrink_config(case.bs, b.num_adapters, IN_F, case.rank)
-        for splits in (2, 4, 8, 16):
-            for block_k in (64, 128, 256):
-                for warps in (2, 4):
-                    cfg = lora.ShrinkConfig(base_shrink.block_m, base_shrink.block_r, block_k,
-                                            splits, warps)
-                    t = graph_us([_bind(_shrink_only, b, c, cfg) for c in b.calls])
-                    out.append({"case": str(case), "kernel": "shrink", "config": str(cfg),
-                                "us": t})
-        for block_n in (64, 128, 256, 512):
-            for warps in (2, 4, 8):
-                for stages in (1, 2):
-                    cfg = lora.ExpandConfig(base_shrink.block_m, block_n, 16, warps, stages)
-                    t = graph_us([_bind(_expand_only, b, c, cfg) for c in b.calls])
-                    out.append({"case": str(case), "kernel": "expand", "config": str(cfg),
-                                "us": t})
+        shrink0 = lora.shrink_config(case.bs, b.num_adapters, IN_F, case.rank)
+        expand0 = dataclasses.replace(
+            lora.expand_config(case.bs, b.num_adapters, OUT_F, case.rank), use_pdl=None)
+        variants = [(dataclasses.replace(shrink0, num_splits=s, block_k=k, num_warps=w), expand0)
+                    for s in (4, 8, 16) for k in (64, 128) for w in (2, 4)]
+        variants += [(shrink0, dataclasses.replace(expand0, block_n=n, num_warps=w))
+                     for n in (64, 128, 256, 512) for w in (2, 4, 8)]
+        for shrink, expand in variants:
+            t = graph_us([_bind(lc.ours, b, c, shrink, expand) for c in b.calls])
+            out.append({"case": str(case), "shrink": str(shrink), "expand": str(expand),
+                        "us": t})
     return out
 
 
@@ -89,25 +89,13 @@ def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:
     return lambda: fn(*args)
 
 
-def _shrink_only(b: lc.Bench, c: lc.Call, cfg: lora.ShrinkConfig) -> None:
-    T, R = c.x.shape[0], b.A.shape[1]
-    v = b.workspace[: cfg.num_splits * T * R].view(cfg.num_splits, T, R)
-    lora.sgmv_shrink(c.x, b.A, c.indptr, c.slots, b.ranks, v, cfg)
-
-
-def _expand_only(b: lc.Bench, c: lc.Call, cfg: lora.ExpandConfig) -> None:
-    T, R = c.x.shape[0], b.A.shape[1]
-    splits = lora.shrink_config(T, c.slots.numel(), c.x.shape[1], R).num_splits
-    v = b.workspace[: splits * T * R].view(splits, T, R)
-    lora.sgmv_expand(v, b.B, c.indptr, c.slots, b.ranks, b.scales, c.y, cfg)
-
-
 def print_table(rows: list[dict[str, object]]) -> None:
-    cols = ("mix", "bs", "rank", "floor_us", "ours_graph_us", "ours_us", "loop_us",
+    cols = ("mix", "bs", "rank", "floor_us", "ours_graph_us", "ours_graph_nopdl_us", "ours_us",
+            "loop_us",
             "gather_bmm_us", "rel_err")
-    print(" | ".join(f"{c:>13}" for c in cols))
+    print(" | ".join(f"{c[:9]:>9}" for c in cols))
     for r in rows:
-        print(" | ".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}"
+        print(" | ".join(f"{r[c]:>9.4g}" if isinstance(r[c], float) else f"{r[c]:>9}"
                          for c in cols))
 
 
@@ -134,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
               "copy_TBps": copy_tbps, "shape": {"in": IN_F, "out": OUT_F, "dtype": "float16"},
               "rows": rows}
     if args.sweep:
-        result["sweep"] = sweep(copy_tbps, l2_bytes)
+        result["sweep"] = sweep(l2_bytes)
     (out_dir / "lora_op.json").write_text(json.dumps(result, indent=1))
     print_table(rows)
     from punica.bench.report import plot_lora_op

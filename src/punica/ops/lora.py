@@ -17,6 +17,7 @@ also run on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests the kernels).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ class ShrinkConfig:
     """Split-K factor: partials written to v[0:num_splits]."""
     num_warps: int = 4
     num_stages: int = 3
+    use_pdl: bool | None = None
+    """Programmatic dependent launch (Hopper+): None = on where the device supports it."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,12 @@ class ExpandConfig:
     block_n: int
     """Output features per program."""
     block_r: int = 16
-    """Rank step of the inner loop (the loop runs ceil(rank / block_r) times)."""
+    """Rank step: the loop runs ceil(rank / block_r) times (the first loads before the wait)."""
     num_warps: int = 4
     num_stages: int = 2
+    use_pdl: bool | None = False
+    """Read y and B before waiting for the previous kernel: only valid right after sgmv_shrink
+    (add_lora turns it on there). None = on where supported."""
 
 
 def _block_m(num_tokens: int, num_segments: int) -> int:
@@ -86,8 +92,9 @@ def expand_config(num_tokens: int, num_segments: int, out_features: int,
                   max_rank: int) -> ExpandConfig:
     """Default expand launch."""
     block_m = _block_m(num_tokens, num_segments)
-    block_n = 256 if block_m == 16 else 128
-    return ExpandConfig(block_m=block_m, block_n=block_n)
+    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
+    block_n = max(64, min(256 if block_m == 16 else 128, 4096 // block_r))
+    return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r)
 
 
 def workspace_numel(max_tokens: int, max_rank: int) -> int:
@@ -100,6 +107,23 @@ def _precision(dtype: torch.dtype) -> str:
     # expand multiplies fp32 v in tf32 (10-bit mantissa, 8-bit exponent): at least the precision of
     # the fp16/bf16 output it is added to, and v never overflows as a 16-bit v could.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _use_pdl(flag: bool | None, device: torch.device) -> bool:
+    if _interpreting() or device.type != "cuda" or flag is False:
+        return False
+    supported = torch.cuda.get_device_capability(device)[0] >= 9
+    if flag and not supported:
+        raise ValueError("use_pdl: expected a device of compute capability >= 9.0 (Hopper), "
+                         f"got {torch.cuda.get_device_name(device)}")
+    return supported and os.environ.get("PUNICA_DISABLE_PDL", "0") != "1"
+
+
+def _launch_opts(config: ShrinkConfig | ExpandConfig, pdl: bool) -> dict[str, object]:
+    opts: dict[str, object] = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if pdl:
+        opts["launch_pdl"] = True
+    return opts
 
 
 def _grid_rows(num_tokens: int, num_segments: int, block_m: int) -> int:
@@ -142,6 +166,7 @@ def sgmv_shrink(
         chk.check_values(indptr, slots, ranks, num_tokens, max_rank)
     if num_tokens == 0 or num_segments == 0:
         return v
+    pdl = _use_pdl(config.use_pdl, x.device)
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.num_splits), config.block_k)
     grid = (_grid_rows(num_tokens, num_segments, config.block_m),
             triton.cdiv(max_rank, config.block_r), config.num_splits)
@@ -152,8 +177,8 @@ def sgmv_shrink(
         BLOCK_M=config.block_m, BLOCK_R=config.block_r,
         BLOCK_K=config.block_k, BLOCK_S=_block_s(num_segments), PRECISION=_precision(x.dtype),
         # Triton's CPU interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot: upcast there.
-        DOT_IN_FP32=_interpreting() and x.dtype == torch.bfloat16,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_IN_FP32=_interpreting() and x.dtype == torch.bfloat16, USE_PDL=pdl,
+        **_launch_opts(config, pdl),
     )
     return v
 
@@ -189,15 +214,16 @@ def sgmv_expand(
         chk.check_values(indptr, slots, ranks, num_tokens, max_rank)
     if num_tokens == 0 or num_segments == 0:
         return y
+    pdl = _use_pdl(config.use_pdl, y.device)
     grid = (_grid_rows(num_tokens, num_segments, config.block_m),
             triton.cdiv(out_features, config.block_n))
     sgmv_expand_kernel[grid](
         v, B_pool, y, indptr, slots, ranks, scales,
         num_segments, num_slots, max_rank, out_features, v.shape[0],
         v.stride(0), v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_R=config.block_r, BLOCK_S=_block_s(num_segments), PRECISION=_precision(y.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLITS_P2=triton.next_power_of_2(v.shape[0]), BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_R=config.block_r, BLOCK_S=_block_s(num_segments),
+        PRECISION=_precision(y.dtype), USE_PDL=pdl, **_launch_opts(config, pdl),
     )
     return y
 
@@ -233,7 +259,9 @@ def add_lora(
                workspace.numel())
     v = workspace[:needed].view(shrink.num_splits, num_tokens, max_rank)
     sgmv_shrink(x, A_pool, indptr, slots, ranks, v, shrink, check_values)
-    return sgmv_expand(v, B_pool, indptr, slots, ranks, scales, y, None, False)
+    expand = expand_config(num_tokens, slots.numel(), y.shape[1], max_rank)
+    expand = dataclasses.replace(expand, use_pdl=None)  # launched right after its shrink
+    return sgmv_expand(v, B_pool, indptr, slots, ranks, scales, y, expand, False)
 
 
 def _interpreting() -> bool:

@@ -12,13 +12,21 @@ max rank.
 Split-K shrink. Decode batches have one row per segment, too little parallelism to stream the A
 weights at full bandwidth, so the shrink splits the `in` dimension over axis 2 and writes one fp32
 partial per split into v[split]; the expand sums the partials while loading v (deterministic, no
-atomics, no zero-fill launch).
+atomics, no zero-fill launch). The partials of a tile come
+in with one 3-D load (SPLITS_P2: num_splits rounded up to a power of two, masked).
+
+Programmatic dependent launch (USE_PDL, Hopper). The shrink waits for the kernels before it
+(`gdc_wait`) and then lets the expand launch. The expand reads everything the shrink does not write
+(segment table, ranks, scales, its B tile and y tile) *before* its own `gdc_wait`, so most of its
+bytes stream while the shrink finishes; only v is read after the wait. Safe because the expand can
+start only once every shrink program has passed its wait, i.e. once all earlier kernels are done.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -50,9 +58,12 @@ def sgmv_shrink_kernel(
     stride_xm, stride_as, stride_ar, stride_vs, stride_vm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """v[split, rows, r-tile] = x[rows, k-split] @ A[slot, r-tile, k-split].T  (fp32 partials)."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -90,12 +101,24 @@ def sgmv_shrink_kernel(
 
 
 @triton.jit
+def _load_v(v_ptr, rows64, offs_r, mask, num_splits, stride_vs, stride_vm,
+            SPLITS_P2: tl.constexpr):
+    """sum over splits of v[split, rows, offs_r], as one [SPLITS_P2, BLOCK_M, BLOCK_R] load."""
+    splits = tl.arange(0, SPLITS_P2)
+    ptrs = (v_ptr + splits[:, None, None] * stride_vs + rows64[None, :, None] * stride_vm
+            + offs_r[None, None, :])
+    mask3 = (splits < num_splits)[:, None, None] & mask[None, :, :]
+    return tl.sum(tl.load(ptrs, mask=mask3, other=0.0), axis=0)
+
+
+@triton.jit
 def sgmv_expand_kernel(
     v_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
     num_segments, num_slots, max_rank, N, num_splits,
     stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """y[rows, n-tile] += scale[slot] * v.sum(0)[rows, :rank] @ B[slot, :rank, n-tile]."""
     pid_m = tl.program_id(0)
@@ -108,24 +131,27 @@ def sgmv_expand_kernel(
     scale = tl.load(scales_ptr + slot)
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < row_end
     mask_n = offs_n < N
     rows64 = offs_m.to(tl.int64)
-    b_base = b_ptr + slot.to(tl.int64) * stride_bs
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r_start in range(0, rank, BLOCK_R):
-        offs_r = r_start + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank
-        mask_v = mask_m[:, None] & mask_r[None, :]
-        v_ptrs = v_ptr + rows64[:, None] * stride_vm + offs_r[None, :]
-        v_tile = tl.load(v_ptrs, mask=mask_v, other=0.0)
-        for split in range(1, num_splits):
-            v_tile += tl.load(v_ptrs + split * stride_vs, mask=mask_v, other=0.0)
-        b_ptrs = b_base + offs_r[:, None] * stride_br + offs_n[None, :]
-        b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(v_tile, b_tile.to(tl.float32), acc, input_precision=PRECISION)
+    # Before the wait: y and the first rank tile of B (the shrink writes neither).
     y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n[None, :]
     mask_y = mask_m[:, None] & mask_n[None, :]
     y_tile = tl.load(y_ptrs, mask=mask_y, other=0.0)
+    b_ptrs = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :]
+    b_tile = tl.load(b_ptrs, mask=(offs_r < rank)[:, None] & mask_n[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
+    v_tile = _load_v(v_ptr, rows64, offs_r, mask_m[:, None] & (offs_r < rank)[None, :],
+                     num_splits, stride_vs, stride_vm, SPLITS_P2)
+    acc = tl.dot(v_tile, b_tile.to(tl.float32), input_precision=PRECISION)
+    for r_start in range(BLOCK_R, rank, BLOCK_R):
+        rs = r_start + offs_r
+        b_ptrs += BLOCK_R * stride_br
+        b_tile = tl.load(b_ptrs, mask=(rs < rank)[:, None] & mask_n[None, :], other=0.0)
+        v_tile = _load_v(v_ptr, rows64, rs, mask_m[:, None] & (rs < rank)[None, :],
+                         num_splits, stride_vs, stride_vm, SPLITS_P2)
+        acc = tl.dot(v_tile, b_tile.to(tl.float32), acc, input_precision=PRECISION)
     out = y_tile.to(tl.float32) + scale * acc
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
