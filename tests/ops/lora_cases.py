@@ -76,7 +76,7 @@ def make_problem(
     b_scale = torch.tensor([r**-0.5 for r in slot_ranks])[:, None, None]
     return Problem(
         x=randn(num_tokens, in_features),
-        y0=randn(num_tokens, out_features, scale=0.1),
+        y0=randn(num_tokens, out_features, scale=0.05),
         A=randn(num_slots, max_rank, in_features, scale=in_features**-0.5),
         B=(torch.randn(num_slots, max_rank, out_features, generator=gen) * b_scale).to(dtype)
         .to(device),

@@ -63,7 +63,7 @@ class ExpandConfig:
     block_r: int = 16
     """Rank step: the loop runs ceil(rank / block_r) times (the first loads before the wait)."""
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
     use_pdl: bool | None = False
     """Read y and B before waiting for the previous kernel: only valid right after sgmv_shrink
     (add_lora turns it on there). None = on where supported."""
@@ -219,9 +219,9 @@ def sgmv_expand(
             triton.cdiv(out_features, config.block_n))
     sgmv_expand_kernel[grid](
         v, B_pool, y, indptr, slots, ranks, scales,
-        num_segments, num_slots, max_rank, out_features, v.shape[0],
+        num_segments, num_slots, max_rank, out_features,
         v.stride(0), v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0),
-        SPLITS_P2=triton.next_power_of_2(v.shape[0]), BLOCK_M=config.block_m,
+        NUM_SPLITS=v.shape[0], BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_R=config.block_r, BLOCK_S=_block_s(num_segments),
         PRECISION=_precision(y.dtype), USE_PDL=pdl, **_launch_opts(config, pdl),
     )

@@ -12,8 +12,8 @@ max rank.
 Split-K shrink. Decode batches have one row per segment, too little parallelism to stream the A
 weights at full bandwidth, so the shrink splits the `in` dimension over axis 2 and writes one fp32
 partial per split into v[split]; the expand sums the partials while loading v (deterministic, no
-atomics, no zero-fill launch). The partials of a tile come
-in with one 3-D load (SPLITS_P2: num_splits rounded up to a power of two, masked).
+atomics, no zero-fill launch). NUM_SPLITS is a compile-time constant,
+so the loads of a tile's partials are unrolled and all in flight at once.
 
 Programmatic dependent launch (USE_PDL, Hopper). The shrink waits for the kernels before it
 (`gdc_wait`) and then lets the expand launch. The expand reads everything the shrink does not write
@@ -101,22 +101,21 @@ def sgmv_shrink_kernel(
 
 
 @triton.jit
-def _load_v(v_ptr, rows64, offs_r, mask, num_splits, stride_vs, stride_vm,
-            SPLITS_P2: tl.constexpr):
-    """sum over splits of v[split, rows, offs_r], as one [SPLITS_P2, BLOCK_M, BLOCK_R] load."""
-    splits = tl.arange(0, SPLITS_P2)
-    ptrs = (v_ptr + splits[:, None, None] * stride_vs + rows64[None, :, None] * stride_vm
-            + offs_r[None, None, :])
-    mask3 = (splits < num_splits)[:, None, None] & mask[None, :, :]
-    return tl.sum(tl.load(ptrs, mask=mask3, other=0.0), axis=0)
+def _load_v(v_ptr, rows64, offs_r, mask, stride_vs, stride_vm, NUM_SPLITS: tl.constexpr):
+    """sum over splits of v[split, rows, offs_r]: NUM_SPLITS independent loads, issued together."""
+    ptrs = v_ptr + rows64[:, None] * stride_vm + offs_r[None, :]
+    total = tl.load(ptrs, mask=mask, other=0.0)
+    for split in tl.static_range(1, NUM_SPLITS):
+        total += tl.load(ptrs + split * stride_vs, mask=mask, other=0.0)
+    return total
 
 
 @triton.jit
 def sgmv_expand_kernel(
     v_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
-    num_segments, num_slots, max_rank, N, num_splits,
+    num_segments, num_slots, max_rank, N,
     stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
-    SPLITS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -144,14 +143,14 @@ def sgmv_expand_kernel(
     if USE_PDL:
         gdc_wait()
     v_tile = _load_v(v_ptr, rows64, offs_r, mask_m[:, None] & (offs_r < rank)[None, :],
-                     num_splits, stride_vs, stride_vm, SPLITS_P2)
+                     stride_vs, stride_vm, NUM_SPLITS)
     acc = tl.dot(v_tile, b_tile.to(tl.float32), input_precision=PRECISION)
     for r_start in range(BLOCK_R, rank, BLOCK_R):
         rs = r_start + offs_r
         b_ptrs += BLOCK_R * stride_br
         b_tile = tl.load(b_ptrs, mask=(rs < rank)[:, None] & mask_n[None, :], other=0.0)
         v_tile = _load_v(v_ptr, rows64, rs, mask_m[:, None] & (rs < rank)[None, :],
-                         num_splits, stride_vs, stride_vm, SPLITS_P2)
+                         stride_vs, stride_vm, NUM_SPLITS)
         acc = tl.dot(v_tile, b_tile.to(tl.float32), acc, input_precision=PRECISION)
     out = y_tile.to(tl.float32) + scale * acc
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
