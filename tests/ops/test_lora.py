@@ -87,13 +87,15 @@ def test_each_rank(device: torch.device, rank: int) -> None:
 
 
 @pytest.mark.parametrize("num_splits", (1, 2, 3, 4))
-@pytest.mark.parametrize("block_m", (16, 32))
-def test_launch_configs_agree(device: torch.device, num_splits: int, block_m: int) -> None:
-    gen = torch.Generator().manual_seed(num_splits * 100 + block_m)
+@pytest.mark.parametrize("block_m,tiles_per_program", ((16, 1), (16, 3), (32, 2)))
+def test_launch_configs_agree(device: torch.device, num_splits: int, block_m: int,
+                              tiles_per_program: int) -> None:
+    gen = torch.Generator().manual_seed(num_splits * 100 + block_m + tiles_per_program)
     p = make_problem(gen, device, torch.float16, [1, 40, 2, 17], 200, 136, max_rank=32,
                      slot_ranks=mixed_ranks(gen, 5, 32), base_only_every=0)
     shrink = lora.ShrinkConfig(block_m=block_m, block_r=16, block_k=32, num_splits=num_splits)
-    expand = lora.ExpandConfig(block_m=block_m, block_n=64, block_r=16)
+    expand = lora.ExpandConfig(block_m=block_m, block_n=32, block_r=32,
+                               tiles_per_program=tiles_per_program)
     assert_matches(p, *run_kernels(p, shrink, expand))
 
 

@@ -35,8 +35,10 @@ def test_rank_block_covers_small_and_large_pools() -> None:
     assert lora.shrink_config(8, 8, 4096, 128).block_r == 64
 
 
-def test_expand_tiles_shrink_as_the_rank_block_grows() -> None:
-    assert lora.expand_config(64, 64, 11008, 16) == lora.ExpandConfig(16, 256, 16)
-    assert lora.expand_config(64, 64, 11008, 32) == lora.ExpandConfig(16, 128, 32)
-    assert lora.expand_config(64, 64, 11008, 128) == lora.ExpandConfig(16, 64, 64)
+def test_expand_holds_the_whole_rank_and_shrinks_tiles_as_it_grows() -> None:
+    assert lora.expand_config(64, 64, 11008, 16) == lora.ExpandConfig(16, 256, 16, 5)
+    assert lora.expand_config(64, 64, 11008, 32) == lora.ExpandConfig(16, 256, 32, 5)
+    assert lora.expand_config(64, 64, 11008, 128) == lora.ExpandConfig(16, 64, 128, 8)
+    assert lora.expand_config(64, 64, 11008, 100).block_r == 128
+    assert lora.expand_config(1, 1, 11008, 16).tiles_per_program == 1
     assert lora.expand_config(4096, 1, 11008, 16).block_n == 128

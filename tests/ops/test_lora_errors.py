@@ -108,3 +108,10 @@ def test_add_lora_requires_workspace_off_cpu_path() -> None:
     with pytest.raises(ValueError, match=r"^workspace.numel\(\): expected >= "):
         lora.add_lora(args["y"], args["x"], args["A"], args["B"], args["indptr"], args["slots"],
                       args["ranks"], args["scales"], small)
+
+
+def test_expand_rank_block_below_max_rank_is_refused(device: torch.device) -> None:
+    a = good_args(device)
+    with pytest.raises(ValueError, match=r"^config.block_r: expected >= max_rank \(16\), got 8"):
+        lora.sgmv_expand(a["v"], a["B"], a["indptr"], a["slots"], a["ranks"], a["scales"],
+                         a["y"], lora.ExpandConfig(block_m=16, block_n=32, block_r=8))

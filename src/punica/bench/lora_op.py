@@ -74,10 +74,11 @@ def sweep(l2_bytes: int) -> list[dict[str, object]]:
         shrink0 = lora.shrink_config(case.bs, b.num_adapters, IN_F, case.rank)
         expand0 = dataclasses.replace(
             lora.expand_config(case.bs, b.num_adapters, OUT_F, case.rank), use_pdl=None)
-        variants = [(dataclasses.replace(shrink0, num_splits=s, block_k=k, num_warps=w), expand0)
-                    for s in (4, 8, 16) for k in (64, 128) for w in (2, 4)]
-        variants += [(shrink0, dataclasses.replace(expand0, block_n=n, num_warps=w))
-                     for n in (64, 128, 256, 512) for w in (2, 4, 8)]
+        variants = [(dataclasses.replace(shrink0, num_splits=s, block_k=k), expand0)
+                    for s in (4, 8, 16) for k in (64, 128)]
+        variants += [(shrink0, dataclasses.replace(expand0, block_n=n, tiles_per_program=g))
+                     for n in (64, 128, 256) for g in (1, 2, 4, 8)
+                     if n * case.rank <= 16384]
         for shrink, expand in variants:
             t = graph_us([_bind(lc.ours, b, c, shrink, expand) for c in b.calls])
             out.append({"case": str(case), "shrink": str(shrink), "expand": str(expand),

@@ -61,12 +61,14 @@ class ExpandConfig:
     block_n: int
     """Output features per program."""
     block_r: int = 16
-    """Rank step: the loop runs ceil(rank / block_r) times (the first loads before the wait)."""
+    """Rank columns held at once; must be >= the pool's max_rank (a power of two >= 16)."""
+    tiles_per_program: int = 1
+    """Consecutive BLOCK_N column tiles per program (amortises the tile lookup and v load)."""
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 3
     use_pdl: bool | None = False
-    """Read y and B before waiting for the previous kernel: only valid right after sgmv_shrink
-    (add_lora turns it on there). None = on where supported."""
+    """Overlap launch and tile lookup with the previous kernel: valid only right after
+    sgmv_shrink (add_lora turns it on there). None = on where supported."""
 
 
 def _block_m(num_tokens: int, num_segments: int) -> int:
@@ -92,9 +94,12 @@ def expand_config(num_tokens: int, num_segments: int, out_features: int,
                   max_rank: int) -> ExpandConfig:
     """Default expand launch."""
     block_m = _block_m(num_tokens, num_segments)
-    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
-    block_n = max(64, min(256 if block_m == 16 else 128, 4096 // block_r))
-    return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r)
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_n = max(32, min(256 if block_m == 16 else 128, 8192 // block_r))
+    tiles = _grid_rows(num_tokens, num_segments, block_m) * triton.cdiv(out_features, block_n)
+    per_program = max(1, min(8, tiles // TARGET_PROGRAMS))
+    return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r,
+                        tiles_per_program=per_program)
 
 
 def workspace_numel(max_tokens: int, max_rank: int) -> int:
@@ -210,16 +215,18 @@ def sgmv_expand(
     num_segments = slots.numel()
     if config is None:
         config = expand_config(num_tokens, num_segments, out_features, max_rank)
+    chk.expect(config.block_r >= max_rank, "config.block_r", f">= max_rank ({max_rank})",
+               config.block_r)
     if chk.should_check_values(y, check_values):
         chk.check_values(indptr, slots, ranks, num_tokens, max_rank)
     if num_tokens == 0 or num_segments == 0:
         return y
     pdl = _use_pdl(config.use_pdl, y.device)
-    grid = (_grid_rows(num_tokens, num_segments, config.block_m),
-            triton.cdiv(out_features, config.block_n))
+    span = config.block_n * config.tiles_per_program
+    grid = (_grid_rows(num_tokens, num_segments, config.block_m), triton.cdiv(out_features, span))
     sgmv_expand_kernel[grid](
         v, B_pool, y, indptr, slots, ranks, scales,
-        num_segments, num_slots, max_rank, out_features,
+        num_segments, num_slots, max_rank, out_features, config.tiles_per_program,
         v.stride(0), v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0),
         NUM_SPLITS=v.shape[0], BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_R=config.block_r, BLOCK_S=_block_s(num_segments),

@@ -16,10 +16,10 @@ atomics, no zero-fill launch). NUM_SPLITS is a compile-time constant,
 so the loads of a tile's partials are unrolled and all in flight at once.
 
 Programmatic dependent launch (USE_PDL, Hopper). The shrink waits for the kernels before it
-(`gdc_wait`) and then lets the expand launch. The expand reads everything the shrink does not write
-(segment table, ranks, scales, its B tile and y tile) *before* its own `gdc_wait`, so most of its
-bytes stream while the shrink finishes; only v is read after the wait. Safe because the expand can
-start only once every shrink program has passed its wait, i.e. once all earlier kernels are done.
+(`gdc_wait`) and then lets the expand launch, so the expand's launch and tile lookup (segment
+table, ranks, scales: nothing the shrink writes) overlap the shrink; it waits before reading v.
+Safe because the expand can start only once every shrink program has passed its own wait, i.e.
+once all earlier kernels are done.
 """
 
 from __future__ import annotations
@@ -113,13 +113,18 @@ def _load_v(v_ptr, rows64, offs_r, mask, stride_vs, stride_vm, NUM_SPLITS: tl.co
 @triton.jit
 def sgmv_expand_kernel(
     v_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
-    num_segments, num_slots, max_rank, N,
+    num_segments, num_slots, max_rank, N, tiles_per_program,
     stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """y[rows, n-tile] += scale[slot] * v.sum(0)[rows, :rank] @ B[slot, :rank, n-tile]."""
+    """y[rows, n-tiles] += scale[slot] * v.sum(0)[rows, :rank] @ B[slot, :rank, n-tiles].
+
+    One program: one row tile x `tiles_per_program` consecutive BLOCK_N column tiles, so the
+    per-program work (tile lookup, v load) is amortised and the B / y loads pipeline.
+    BLOCK_R >= max_rank: one rank tile; rows of B past the slot's rank are never loaded.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     found, row_start, row_end, slot = _locate_tile(
@@ -129,28 +134,24 @@ def sgmv_expand_kernel(
     rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     scale = tl.load(scales_ptr + slot)
     offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < row_end
-    mask_n = offs_n < N
+    mask_r = offs_r < rank
     rows64 = offs_m.to(tl.int64)
-    # Before the wait: y and the first rank tile of B (the shrink writes neither).
-    y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    y_tile = tl.load(y_ptrs, mask=mask_y, other=0.0)
-    b_ptrs = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :]
-    b_tile = tl.load(b_ptrs, mask=(offs_r < rank)[:, None] & mask_n[None, :], other=0.0)
     if USE_PDL:
-        gdc_wait()
-    v_tile = _load_v(v_ptr, rows64, offs_r, mask_m[:, None] & (offs_r < rank)[None, :],
+        gdc_wait()  # v is the shrink's output: everything above it may overlap the shrink
+    v_tile = _load_v(v_ptr, rows64, offs_r, mask_m[:, None] & mask_r[None, :],
                      stride_vs, stride_vm, NUM_SPLITS)
-    acc = tl.dot(v_tile, b_tile.to(tl.float32), input_precision=PRECISION)
-    for r_start in range(BLOCK_R, rank, BLOCK_R):
-        rs = r_start + offs_r
-        b_ptrs += BLOCK_R * stride_br
-        b_tile = tl.load(b_ptrs, mask=(rs < rank)[:, None] & mask_n[None, :], other=0.0)
-        v_tile = _load_v(v_ptr, rows64, rs, mask_m[:, None] & (rs < rank)[None, :],
-                         stride_vs, stride_vm, NUM_SPLITS)
-        acc = tl.dot(v_tile, b_tile.to(tl.float32), acc, input_precision=PRECISION)
-    out = y_tile.to(tl.float32) + scale * acc
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_y)
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br
+    y_rows = y_ptr + rows64[:, None] * stride_ym
+    n_first = pid_n * tiles_per_program * BLOCK_N
+    for i in range(0, tiles_per_program):
+        offs_n = n_first + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                         other=0.0)
+        mask_y = mask_m[:, None] & mask_n[None, :]
+        y_tile = tl.load(y_rows + offs_n[None, :], mask=mask_y, other=0.0)
+        acc = tl.dot(v_tile, b_tile.to(tl.float32), input_precision=PRECISION)
+        out = y_tile.to(tl.float32) + scale * acc
+        tl.store(y_rows + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask_y)
