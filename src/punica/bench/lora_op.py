@@ -122,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {**run_info("python -m punica.bench.lora_op " + " ".join(argv or sys.argv[1:])),
               "copy_TBps": copy_tbps, "shape": {"in": IN_F, "out": OUT_F, "dtype": "float16"},
               "rows": rows}
-    if args.sweep:
-        result["sweep"] = sweep(l2_bytes)
     (out_dir / "lora_op.json").write_text(json.dumps(result, indent=1))
     print_table(rows)
     from punica.bench.report import plot_lora_op
 
     plot_lora_op(result, out_dir / "lora_op.png")
+    if args.sweep:  # written again with the sweep, so a cut-short sweep loses only itself
+        result["sweep"] = sweep(l2_bytes)
+        (out_dir / "lora_op.json").write_text(json.dumps(result, indent=1))
     return 0
 
 
