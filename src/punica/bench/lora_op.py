@@ -90,6 +90,54 @@ def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:
     return lambda: fn(*args)
 
 
+def kernel_split(l2_bytes: int) -> list[dict[str, object]]:
+    """Graph time of the default shrink alone, expand alone (no PDL) and the pair, per case."""
+    out = []
+    for case in (lc.Case("distinct", 1, 16), lc.Case("distinct", 64, 16),
+                 lc.Case("identical", 64, 16), lc.Case("distinct", 64, 64)):
+        b = lc.build(case, IN_F, OUT_F, torch.float16, l2_bytes)
+        row: dict[str, object] = {"case": str(case)}
+        row["shrink_us"] = graph_us([_bind(_shrink_only, b, c) for c in b.calls])
+        row["expand_us"] = graph_us([_bind(_expand_only, b, c) for c in b.calls])
+        row["pair_us"] = graph_us([_bind(lc.ours, b, c) for c in b.calls])
+        out.append(row)
+        print(row)
+    return out
+
+
+def _shrink_only(b: lc.Bench, c: lc.Call) -> None:
+    T, R = c.x.shape[0], b.A.shape[1]
+    cfg = lora.shrink_config(T, c.slots.numel(), c.x.shape[1], R)
+    v = b.workspace[: cfg.num_splits * T * R].view(cfg.num_splits, T, R)
+    lora.sgmv_shrink(c.x, b.A, c.indptr, c.slots, b.ranks, v, cfg)
+
+
+def _expand_only(b: lc.Bench, c: lc.Call) -> None:
+    T, R = c.x.shape[0], b.A.shape[1]
+    splits = lora.shrink_config(T, c.slots.numel(), c.x.shape[1], R).num_splits
+    v = b.workspace[: splits * T * R].view(splits, T, R)
+    lora.sgmv_expand(v, b.B, c.indptr, c.slots, b.ranks, b.scales, c.y)
+
+
+def _sweep_only(out_dir: Path, copy_tbps: float, l2_bytes: int, argv: list[str] | None) -> int:
+    from punica.bench.calibrate import calibrate
+
+    result = {**run_info("python -m punica.bench.lora_op " + " ".join(argv or sys.argv[1:])),
+              "copy_TBps": copy_tbps, "calibration": calibrate()}
+    print(result["calibration"])
+    result["kernel_split"] = kernel_split(l2_bytes)
+    (out_dir / "lora_op_sweep.json").write_text(json.dumps(result, indent=1))
+    result["sweep"] = sweep(l2_bytes)
+    (out_dir / "lora_op_sweep.json").write_text(json.dumps(result, indent=1))
+    best: dict[str, tuple[float, str, str]] = {}
+    for s in result["sweep"]:
+        if s["case"] not in best or s["us"] < best[s["case"]][0]:
+            best[s["case"]] = (s["us"], s["shrink"], s["expand"])
+    for case, (us, shrink, expand) in best.items():
+        print(f"{case}: best {us:.2f} us with {shrink} {expand}")
+    return 0
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     cols = ("mix", "bs", "rank", "floor_us", "ours_graph_us", "ours_graph_nopdl_us", "ours_us",
             "loop_us",
@@ -105,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="bs 1 and 64 only")
     ap.add_argument("--sweep", action="store_true", help="also sweep launch configs")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the config sweep, kernel split and launch calibration "
+                         "(written to lora_op_sweep.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("lora_op: needs a CUDA device", file=sys.stderr)
@@ -115,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     l2_bytes = int(getattr(props, "L2_cache_size", 60 << 20))
     copy_tbps = copy_bandwidth_TBps()
     print(f"copy bandwidth {copy_tbps:.3f} TB/s, L2 {l2_bytes >> 20} MiB")
+    if args.sweep_only:
+        return _sweep_only(out_dir, copy_tbps, l2_bytes, argv)
     rows = []
     for case in all_cases(args.quick):
         rows.append(measure(case, copy_tbps, l2_bytes))

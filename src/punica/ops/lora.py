@@ -18,6 +18,7 @@ also run on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests the kernels).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -114,10 +115,15 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _use_pdl(flag: bool | None, device: torch.device) -> bool:
     if _interpreting() or device.type != "cuda" or flag is False:
         return False
-    supported = torch.cuda.get_device_capability(device)[0] >= 9
+    supported = _pdl_supported(device.index if device.index is not None else 0)
     if flag and not supported:
         raise ValueError("use_pdl: expected a device of compute capability >= 9.0 (Hopper), "
                          f"got {torch.cuda.get_device_name(device)}")
