@@ -18,7 +18,8 @@ def test_splits_fit_the_workspace(num_tokens: int, in_features: int) -> None:
 
 
 def test_decode_batch_gets_split_k_and_prefill_does_not() -> None:
-    assert lora.shrink_config(64, 64, 4096, 16).num_splits == 8
+    assert lora.shrink_config(64, 64, 4096, 16).num_splits == 16
+    assert lora.shrink_config(128, 128, 4096, 16).num_splits == 8
     assert lora.shrink_config(1, 1, 4096, 16).num_splits == 16
     assert lora.shrink_config(8192, 1, 4096, 16).num_splits == 1
 
