@@ -1,0 +1,1 @@
+"""The engine: tensor-free scheduler and block manager, batch builder, model runner, sampler."""

@@ -1,0 +1,150 @@
+"""Tensor-free continuous-batching scheduler: chunked prefill under one token budget, FCFS,
+preemption by recomputation (newest first), admission gated by KV blocks and adapter slots.
+
+Each step: running sequences first, oldest first, each taking what it still needs (1 token for a
+decode, the rest of its prompt or a chunk of it for a prefill) within `max_num_batched_tokens`;
+when blocks run out the newest running sequence is preempted (blocks freed, adapter released,
+recomputed later from the front of the queue). Then waiting sequences are admitted in arrival
+order while the budget, `max_num_seqs`, free blocks and an adapter slot allow; the first that does
+not fit stops admission (strict FCFS: no request is overtaken). A sequence's adapter slot is pinned
+from admission to finish/preemption, so the pool never evicts an adapter a running request uses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from punica.engine.block_manager import BlockManager
+from punica.engine.sequence import SeqStatus, Sequence
+from punica.lora.slots import AdapterSlots
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decodes)."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens: expected >= 1, got "
+                             f"{self.max_num_seqs}, {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    """Tokens computed this step: positions start .. start + num_new_tokens."""
+    start: int
+    """seq.num_computed when scheduled."""
+    samples: bool
+    """True when this chunk reaches the sequence's last token: a token is sampled."""
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+        samples = seq.num_computed + num_new_tokens == seq.num_tokens
+        return cls(seq, num_new_tokens, seq.num_computed, samples)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    loads: list[tuple[int, str]] = field(default_factory=list)
+    """(slot, adapter): weights to copy into the pool before this step runs."""
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager,
+                 slots: AdapterSlots) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    return budget
+            self.blocks.allocate(seq.seq_id, seq.num_computed + n)
+            out.scheduled.append(ScheduledSeq.of(seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
+                return
+            if seq.adapter is not None:
+                acquired = self.slots.acquire(seq.adapter)
+                if acquired is None:
+                    return  # every slot pinned by running requests: wait for one to finish
+                seq.slot = acquired.slot
+                if acquired.needs_load:
+                    out.loads.append((acquired.slot, seq.adapter))
+            self.waiting.popleft()
+            self.blocks.allocate(seq.seq_id, seq.num_computed + n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq.of(seq, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        if seq.adapter is not None and seq.slot >= 0:
+            self.slots.release(seq.adapter)
+        seq.slot = -1
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """After the step ran: the scheduled tokens now have their KV in the cache."""
+        for s in out.scheduled:
+            s.seq.num_computed += s.num_new_tokens
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Stop a running or waiting sequence: free its blocks and its adapter slot."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,50 @@
+"""Typed errors. The server maps each to an OpenAI error JSON with the status noted here."""
+
+from __future__ import annotations
+
+
+class PunicaError(Exception):
+    """Base of every error Punica raises on purpose."""
+
+    status: int = 500
+
+
+class InvalidRequestError(PunicaError, ValueError):
+    """Bad user input: empty prompt, invalid sampling parameters, bad token ids (400)."""
+
+    status = 400
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit max_model_len or the KV cache (400)."""
+
+
+class AdapterNotFoundError(PunicaError, KeyError):
+    """A request or call names an adapter that is not registered (404)."""
+
+    status = 404
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterLoadError(PunicaError, ValueError):
+    """An adapter directory is unreadable, corrupt, unsupported or made for another base (400)."""
+
+    status = 400
+
+
+class AdapterInUseError(PunicaError, RuntimeError):
+    """An adapter cannot be removed while requests use it (409)."""
+
+    status = 409
+
+
+class ModelLoadError(PunicaError, ValueError):
+    """A checkpoint is unreadable, corrupt or of an unsupported architecture (500 at start)."""
+
+
+class CapacityError(PunicaError, RuntimeError):
+    """The configured KV cache or adapter pool cannot hold what was asked (503)."""
+
+    status = 503

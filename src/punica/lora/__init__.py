@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT parsing and validation, slot bookkeeping, weight pools."""
