@@ -1,0 +1,52 @@
+"""Frozen configs of the engine; CLI flags map to these fields one to one (vLLM's names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from punica.engine.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    """Hugging Face model directory (config.json + *.safetensors [+ tokenizer])."""
+    dtype: str = "auto"
+    """auto (the checkpoint's), float16, bfloat16 or float32."""
+    device: str = "auto"
+    """auto (cuda when available), cuda, cuda:N or cpu."""
+    max_model_len: int | None = None
+    """Longest prompt + completion; default: the model's max_position_embeddings."""
+    seed: int = 0
+    """Seed of the generator used by requests without a seed of their own."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA: fraction of the device memory the engine may use (weights + adapters + KV)."""
+    kv_cache_bytes: int = 256 << 20
+    """On CPU: bytes of the KV pool."""
+    num_blocks: int | None = None
+    """Override: exactly this many KV blocks."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    max_loras: int = 8
+    """Adapter slots on the device (adapters in one batch at most); 0 disables LoRA."""
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None
+    """Adapters kept parsed in host memory (LRU); default max(4 * max_loras, 32)."""
+    allow_pickle: bool = False
+    """Accept adapter_model.bin (pickle) when no safetensors file exists."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

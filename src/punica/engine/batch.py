@@ -1,0 +1,72 @@
+"""One step's batch, built once on the host and uploaded once: shared by every layer.
+
+Rows are the scheduled tokens of all sequences, sequences sorted by adapter slot (then by arrival),
+so each adapter's rows are contiguous and fall out as SGMV segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from punica.engine.scheduler import ScheduledSeq
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: flat KV slot of each row
+    cu_seqlens_q: list[int]  # [B + 1] row offsets of the sequences
+    seq_lens: list[int]  # [B] context length after this step
+    block_tables: list[list[int]]  # [B][blocks]
+    logits_rows: torch.Tensor  # [N] int64: rows whose logits are sampled
+    sampled: list[ScheduledSeq]  # the N sequences that sample, in logits_rows order
+    lora_indptr: torch.Tensor  # [S + 1] int32 segment row offsets
+    lora_slots: torch.Tensor  # [S] int32 adapter slot per segment (-1: base)
+    order: list[ScheduledSeq]  # all scheduled sequences in row order
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_batch(scheduled: list[ScheduledSeq], block_tables: dict[int, list[int]],
+                block_size: int, device: torch.device) -> Batch:
+    order = sorted(scheduled, key=lambda s: s.seq.slot)  # stable: arrival order within a slot
+    ids: list[int] = []
+    pos: list[int] = []
+    slot_map: list[int] = []
+    cu = [0]
+    seq_lens, tables, rows, sampled = [], [], [], []
+    seg_bounds, seg_slots = [0], []
+    for s in order:
+        table = block_tables[s.seq.seq_id]
+        span = range(s.start, s.start + s.num_new_tokens)
+        ids.extend(s.seq.all_ids[s.start: s.start + s.num_new_tokens])
+        pos.extend(span)
+        slot_map.extend(table[p // block_size] * block_size + p % block_size for p in span)
+        cu.append(cu[-1] + s.num_new_tokens)
+        seq_lens.append(s.start + s.num_new_tokens)
+        tables.append(table)
+        if s.samples:
+            rows.append(cu[-1] - 1)
+            sampled.append(s)
+        if seg_slots and seg_slots[-1] == s.seq.slot:
+            seg_bounds[-1] = cu[-1]
+        else:
+            seg_slots.append(s.seq.slot)
+            seg_bounds.append(cu[-1])
+
+    def as_tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return Batch(
+        input_ids=as_tensor(ids, torch.int64), positions=as_tensor(pos, torch.int64),
+        slot_mapping=as_tensor(slot_map, torch.int64), cu_seqlens_q=cu, seq_lens=seq_lens,
+        block_tables=tables, logits_rows=as_tensor(rows, torch.int64), sampled=sampled,
+        lora_indptr=as_tensor(seg_bounds, torch.int32), lora_slots=as_tensor(seg_slots,
+                                                                              torch.int32),
+        order=order,
+    )

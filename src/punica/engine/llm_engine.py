@@ -1,0 +1,164 @@
+"""LLMEngine: the synchronous step loop (schedule -> load adapters -> build batch -> forward ->
+sample -> stop checks), holding the model, the KV pool and the adapter pool."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from punica.config import EngineConfig
+from punica.engine.batch import build_batch
+from punica.engine.block_manager import BlockManager
+from punica.engine.outputs import CompletionOutput, RequestOutput
+from punica.engine.sampler import sample
+from punica.engine.sampling_params import SamplingParams
+from punica.engine.scheduler import Scheduler, SchedulerOutput
+from punica.engine.sequence import Sequence
+from punica.engine.sizing import kv_blocks
+from punica.engine.stops import StopChecker
+from punica.errors import AdapterInUseError, AdapterNotFoundError, CapacityError
+from punica.lora.pool import LoraPool
+from punica.lora.registry import AdapterRegistry
+from punica.lora.slots import AdapterSlots
+from punica.models.llama import StepContext
+from punica.models.loader import load_model
+from punica.models.rope import Rotary
+from punica.tokens import load_tokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc, cc, lc = config.model, config.cache, config.lora
+        device = torch.device(mc.device if mc.device != "auto" else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device
+        self.model, self.arch, self.dtype = load_model(mc.model, mc.dtype, device)
+        self.tokenizer = load_tokenizer(mc.model)
+        self.max_model_len = mc.max_model_len or self.arch.max_position_embeddings
+        max_tokens = config.scheduler.max_num_batched_tokens
+        self.lora_pool = (LoraPool(self.arch, lc.max_loras, lc.max_lora_rank, max_tokens,
+                                   self.dtype, device) if lc.max_loras > 0 else None)
+        num_blocks = kv_blocks(self.arch, self.dtype, cc, device)
+        if num_blocks * cc.block_size < self.max_model_len:
+            raise CapacityError(f"the KV cache holds {num_blocks * cc.block_size} tokens, less "
+                                f"than max_model_len {self.max_model_len}: give it more memory "
+                                "or lower max_model_len")
+        a = self.arch
+        self.kv_cache = torch.zeros(a.num_layers, 2, num_blocks, cc.block_size, a.num_kv_heads,
+                                    a.head_dim, dtype=self.dtype, device=device)
+        self.rotary = Rotary(a, self.max_model_len, device)
+        self.registry = AdapterRegistry(a, lc.max_lora_rank,
+                                        lc.max_cpu_loras or max(4 * lc.max_loras, 32),
+                                        lc.allow_pickle)
+        self.slots = AdapterSlots(max(lc.max_loras, 1))
+        self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
+                                   self.slots)
+        self.stops = StopChecker(self.tokenizer, a.eos_token_ids, self.max_model_len)
+        self.generator = torch.Generator(device=device).manual_seed(mc.seed)
+        self._seq_ids = itertools.count()
+        self._requests: dict[str, list[Sequence]] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+
+    # Adapters ---------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        if self.lora_pool is None:
+            raise CapacityError("LoRA is disabled (max_loras=0)")
+        if self.slots.refcount(name) > 0:
+            raise AdapterInUseError(f"adapter {name!r} is in use; remove it when idle")
+        self.registry.add(name, path)
+        self.slots.drop(name)  # a reload must be copied into the pool again
+
+    def remove_lora(self, name: str) -> None:
+        if name not in self.registry:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        self.slots.drop(name)
+        self.registry.remove(name)
+
+    def list_loras(self) -> list[str]:
+        return sorted(self.registry.paths)
+
+    # Requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        self.stops.validate_prompt(prompt_ids, self.arch.vocab_size)
+        if adapter is not None and adapter not in self.registry:
+            raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), params, adapter)
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            self._generators[seq.seq_id] = gen
+            self.stops.start(seq)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[request_id] = seqs
+
+    def abort(self, request_id: str) -> None:
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+            self._forget(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # The step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the requests that finished in it."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            self._unstick()
+        else:
+            self._run(out)
+        return self._collect_finished()
+
+    def _run(self, out: SchedulerOutput) -> None:
+        for slot, name in out.loads:
+            self.lora_pool.load(slot, self.registry.get(name))
+        batch = build_batch(out.scheduled, self.scheduler.blocks.owners(),
+                            self.config.cache.block_size, self.device)
+        uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
+        ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
+                          else None)
+        logits = self.model(ctx)
+        self.scheduler.advance(out)
+        if not batch.sampled:
+            return
+        seqs = [s.seq for s in batch.sampled]
+        result = sample(logits, [s.params for s in seqs], [s.prompt_ids for s in seqs],
+                        [s.output_ids for s in seqs],
+                        [self._generators[s.seq_id] or self.generator for s in seqs])
+        for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
+            reason = self.stops.append(seq, token, lp)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+
+    def _unstick(self) -> None:
+        """Nothing could be scheduled: fail the head request rather than hang."""
+        if self.scheduler.waiting and not self.scheduler.running:
+            seq = self.scheduler.waiting[0]
+            self.scheduler.finish(seq, "error")
+
+    def _collect_finished(self) -> list[RequestOutput]:
+        done = []
+        for rid, seqs in list(self._requests.items()):
+            if all(s.is_finished for s in seqs):
+                done.append(self.output_of(rid, seqs))
+                for seq in self._requests.pop(rid):
+                    self._forget(seq)
+        return done
+
+    def _forget(self, seq: Sequence) -> None:
+        self._generators.pop(seq.seq_id, None)
+
+    def output_of(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        return RequestOutput(request_id, list(seqs[0].prompt_ids), [
+            CompletionOutput(i, list(s.output_ids), s.output_text, s.finish_reason,
+                             list(s.logprobs) if s.params.logprobs is not None else None)
+            for i, s in enumerate(seqs)], finished=all(s.is_finished for s in seqs))

@@ -1,0 +1,32 @@
+"""How many KV blocks fit: a byte budget on CPU, free device memory x utilisation on CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from punica.config import CacheConfig
+from punica.errors import CapacityError
+from punica.models.arch import ModelArch
+
+
+def kv_bytes_per_block(arch: ModelArch, dtype: torch.dtype, block_size: int) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return arch.num_layers * 2 * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+def kv_blocks(arch: ModelArch, dtype: torch.dtype, cache: CacheConfig,
+              device: torch.device) -> int:
+    """Blocks for the KV pool; weights and adapter pools are already allocated when called."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    per_block = kv_bytes_per_block(arch, dtype, cache.block_size)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(free - (1 - cache.gpu_memory_utilization) * total)
+    else:
+        budget = cache.kv_cache_bytes
+    blocks = budget // per_block
+    if blocks < 1:
+        raise CapacityError(f"no memory left for the KV cache ({budget} bytes budget, "
+                            f"{per_block} bytes per block)")
+    return int(blocks)

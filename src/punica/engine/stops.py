@@ -1,0 +1,57 @@
+"""Prompt validation, token appending with incremental detokenisation, and stop conditions."""
+
+from __future__ import annotations
+
+from punica.engine.sequence import Sequence
+from punica.errors import InvalidRequestError, PromptTooLongError
+from punica.tokens import IncrementalDetokenizer
+
+
+class StopChecker:
+    def __init__(self, tokenizer: object | None, eos_ids: tuple[int, ...],
+                 max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.max_model_len = max_model_len
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+
+    def validate_prompt(self, prompt_ids: list[int], vocab_size: int) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("prompt: expected at least one token, got an empty prompt")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt: token ids must be integers in [0, {vocab_size}),"
+                                      f" got {bad[:4]}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLongError(f"prompt: {len(prompt_ids)} tokens, but max_model_len is "
+                                     f"{self.max_model_len} (the prompt must leave room for at "
+                                     "least one new token)")
+
+    def start(self, seq: Sequence) -> None:
+        if self.tokenizer is not None:
+            self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+
+    def append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
+        """Add a sampled token; return the finish reason if the sequence is done."""
+        seq.output_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        p = seq.params
+        reason = None
+        detok = self._detok.get(seq.seq_id)
+        if detok is not None:
+            detok.add(token)
+            seq.output_text = detok.text
+            for stop in p.stop:
+                cut = seq.output_text.find(stop)
+                if cut >= 0:
+                    seq.output_text = seq.output_text[:cut]
+                    reason = "stop"
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            reason = reason or "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or
+                               seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self._detok.pop(seq.seq_id, None)
+        return reason

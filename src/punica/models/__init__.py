@@ -1,0 +1,1 @@
+"""Model definitions (the LLaMA-architecture family) and checkpoint loading."""
