@@ -1,0 +1,69 @@
+"""Sampler: exact masks and penalties on hand-made logits; seeds; logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from punica.engine.sampler import apply_penalties, filter_logits, sample
+from punica.engine.sampling_params import SamplingParams
+
+LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+
+
+def kept(params: SamplingParams) -> list[bool]:
+    return torch.isfinite(filter_logits(LOGITS.clone(), [params]))[0].tolist()
+
+
+def test_top_k_top_p_min_p_masks() -> None:
+    assert kept(SamplingParams(top_k=2)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.5)) == [True, False, False, False]
+    assert kept(SamplingParams(top_p=0.7)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.76)) == [True, True, True, False]
+    assert kept(SamplingParams(min_p=0.35)) == [True, True, False, False]  # p >= 0.175
+    assert kept(SamplingParams(min_p=0.99)) == [True, False, False, False]
+    assert kept(SamplingParams()) == [True] * 4
+
+
+def test_temperature_scales_logits() -> None:
+    out = filter_logits(LOGITS.clone(), [SamplingParams(temperature=2.0)])
+    torch.testing.assert_close(out, LOGITS / 2)
+
+
+def test_penalties() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=2.0)], [[0]], [[1]])
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    out = apply_penalties(logits.clone(), [SamplingParams(frequency_penalty=0.5,
+                                                          presence_penalty=1.0)], [[3]],
+                          [[2, 2, 0]])
+    torch.testing.assert_close(out, torch.tensor([[0.5, -1.0, -1.5, 3.0]]))
+
+
+def test_greedy_seeded_and_logprobs() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(seed=5, logprobs=0),
+              SamplingParams(top_k=1)]
+    gens = [None, torch.Generator().manual_seed(5), torch.Generator().manual_seed(1)]
+    res = sample(logits, params, [[1]] * 3, [[]] * 3, gens)
+    assert res.token_ids[0] == logits[0].argmax().item()
+    assert res.token_ids[2] == logits[2].argmax().item()
+    again = sample(logits, params, [[1]] * 3, [[]] * 3,
+                   [None, torch.Generator().manual_seed(5), None])
+    assert again.token_ids[1] == res.token_ids[1]
+    lp = res.logprobs[0]
+    assert len(lp) == 3 and res.token_ids[0] in lp
+    assert math.isclose(lp[res.token_ids[0]], logits[0].log_softmax(-1).max().item(),
+                        rel_tol=1e-6)
+    assert list(res.logprobs[1]) == [res.token_ids[1]] and res.logprobs[2] is None
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
+    params = [SamplingParams()] * 4000
+    res = sample(logits, params, [[0]] * 4000, [[]] * 4000,
+                 [torch.Generator().manual_seed(0)] * 4000)
+    freq = torch.bincount(torch.tensor(res.token_ids), minlength=3).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
