@@ -18,8 +18,12 @@ from punica.ops import lora as lora_ops
 
 class LoraPool:
     def __init__(self, arch: ModelArch, num_slots: int, max_rank: int, max_tokens: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, backend: str = "auto") -> None:
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend: expected auto, triton or torch, got {backend!r}")
         self.num_slots, self.max_rank = num_slots, max_rank
+        self.backend = backend
+        """auto: Triton kernels on CUDA, torch reference on CPU; torch: the reference anywhere."""
         self.A: list[dict[str, torch.Tensor]] = []
         self.B: list[dict[str, torch.Tensor]] = []
         for _ in range(arch.num_layers):

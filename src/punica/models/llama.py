@@ -18,6 +18,7 @@ from punica.models.arch import ModelArch
 from punica.models.rope import Rotary
 from punica.ops.attention_ref import paged_attention_ref, write_kv
 from punica.ops.lora import add_lora
+from punica.ops.lora_ref import add_lora_ref
 
 
 @dataclass
@@ -47,8 +48,12 @@ def _project(linear: nn.Linear, x: torch.Tensor, ctx: StepContext, layer: int,
     y = F.linear(x, linear.weight, linear.bias)
     if ctx.lora is not None:
         A, B, ranks, scales = ctx.lora.args(layer, proj)
-        add_lora(y, x, A, B, ctx.batch.lora_indptr, ctx.batch.lora_slots, ranks, scales,
-                 ctx.lora.workspace, check_values=False)
+        b = ctx.batch
+        if ctx.lora.backend == "torch":
+            add_lora_ref(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales)
+        else:
+            add_lora(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales,
+                     ctx.lora.workspace, check_values=False)
     return y
 
 
