@@ -28,6 +28,7 @@ import triton
 from punica.ops import lora_checks as chk
 from punica.ops.lora_kernels import sgmv_expand_kernel, sgmv_shrink_kernel
 from punica.ops.lora_ref import add_lora_ref
+from punica.ops.tiles import block_s, grid_rows
 
 MAX_SPLITS = 16
 SPLIT_ROWS_BUDGET = 4096  # num_splits * T never exceeds max(T, this): bounds workspace and v reads
@@ -101,7 +102,7 @@ def expand_config(num_tokens: int, num_segments: int, out_features: int,
     block_m = _block_m(num_tokens, num_segments)
     block_r = max(16, triton.next_power_of_2(max_rank))
     block_n = max(32, min(256 if block_m == 16 else 128, 8192 // block_r))
-    tiles = _grid_rows(num_tokens, num_segments, block_m) * triton.cdiv(out_features, block_n)
+    tiles = grid_rows(num_tokens, num_segments, block_m) * triton.cdiv(out_features, block_n)
     per_program = max(1, min(8, tiles // EXPAND_TARGET_PROGRAMS))
     return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r,
                         tiles_per_program=per_program)
@@ -141,14 +142,6 @@ def _launch_opts(config: ShrinkConfig | ExpandConfig, pdl: bool) -> dict[str, ob
     return opts
 
 
-def _grid_rows(num_tokens: int, num_segments: int, block_m: int) -> int:
-    return min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
-
-
-def _block_s(num_segments: int) -> int:
-    return max(16, triton.next_power_of_2(num_segments))
-
-
 def sgmv_shrink(
     x: torch.Tensor,
     A_pool: torch.Tensor,
@@ -183,14 +176,14 @@ def sgmv_shrink(
         return v
     pdl = _use_pdl(config.use_pdl, x.device)
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.num_splits), config.block_k)
-    grid = (_grid_rows(num_tokens, num_segments, config.block_m),
+    grid = (grid_rows(num_tokens, num_segments, config.block_m),
             triton.cdiv(max_rank, config.block_r), config.num_splits)
     sgmv_shrink_kernel[grid](
         x, A_pool, v, indptr, slots, ranks,
         num_segments, num_slots, max_rank, in_features, k_per_split * config.block_k,
         x.stride(0), A_pool.stride(0), A_pool.stride(1), v.stride(0), v.stride(1),
         BLOCK_M=config.block_m, BLOCK_R=config.block_r,
-        BLOCK_K=config.block_k, BLOCK_S=_block_s(num_segments), PRECISION=_precision(x.dtype),
+        BLOCK_K=config.block_k, BLOCK_S=block_s(num_segments), PRECISION=_precision(x.dtype),
         # Triton's CPU interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot: upcast there.
         DOT_IN_FP32=_interpreting() and x.dtype == torch.bfloat16, USE_PDL=pdl,
         **_launch_opts(config, pdl),
@@ -233,13 +226,13 @@ def sgmv_expand(
         return y
     pdl = _use_pdl(config.use_pdl, y.device)
     span = config.block_n * config.tiles_per_program
-    grid = (_grid_rows(num_tokens, num_segments, config.block_m), triton.cdiv(out_features, span))
+    grid = (grid_rows(num_tokens, num_segments, config.block_m), triton.cdiv(out_features, span))
     sgmv_expand_kernel[grid](
         v, B_pool, y, indptr, slots, ranks, scales,
         num_segments, num_slots, max_rank, out_features, config.tiles_per_program,
         v.stride(0), v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0),
         NUM_SPLITS=v.shape[0], BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_R=config.block_r, BLOCK_S=_block_s(num_segments),
+        BLOCK_N=config.block_n, BLOCK_R=config.block_r, BLOCK_S=block_s(num_segments),
         PRECISION=_precision(y.dtype), USE_PDL=pdl, **_launch_opts(config, pdl),
     )
     return y

@@ -5,7 +5,7 @@ Launch geometry (both kernels). Axis 0 enumerates *row tiles*: every segment wit
 segment by segment. The grid is sized by a host-side upper bound, min(T, cdiv(T, BLOCK_M) + S),
 so it never depends on device data: no host sync, and a CUDA graph can replay it for any
 segmentation of the same T and S. Each program finds its tile with a vectorised prefix sum over the
-segment table (`_locate_tile`); programs past the last tile, and rank tiles past a slot's rank,
+segment table (`tiles.locate_tile`); programs past the last tile, and rank tiles past a slot's rank,
 exit at once. So a batch of ranks 8, 16 and 64 does the work of those ranks, whatever the pool's
 max rank.
 
@@ -28,27 +28,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-
-@triton.jit
-def _locate_tile(indptr_ptr, slots_ptr, num_segments, pid, BLOCK_M: tl.constexpr,
-                 BLOCK_S: tl.constexpr):
-    """(found, row_start, row_end, slot) of row tile `pid`; found is false past the last tile."""
-    seg_ids = tl.arange(0, BLOCK_S)
-    in_table = seg_ids < num_segments
-    starts = tl.load(indptr_ptr + seg_ids, mask=in_table, other=0)
-    ends = tl.load(indptr_ptr + seg_ids + 1, mask=in_table, other=0)
-    seg_slots = tl.load(slots_ptr + seg_ids, mask=in_table, other=-1)
-    lengths = tl.maximum(ends - starts, 0)
-    tiles = tl.where(seg_slots >= 0, (lengths + BLOCK_M - 1) // BLOCK_M, 0)
-    tiles_end = tl.cumsum(tiles, axis=0)
-    found = pid < tl.sum(tiles, axis=0)
-    seg = tl.sum((tiles_end <= pid).to(tl.int32), axis=0)
-    here = seg_ids == seg
-    tile_in_seg = pid - tl.sum(tl.where(here, tiles_end - tiles, 0), axis=0)
-    row_start = tl.sum(tl.where(here, starts, 0), axis=0) + tile_in_seg * BLOCK_M
-    row_end = tl.sum(tl.where(here, ends, 0), axis=0)
-    slot = tl.sum(tl.where(here, seg_slots, 0), axis=0)
-    return found, row_start, row_end, slot
+from punica.ops.tiles import locate_tile
 
 
 @triton.jit
@@ -67,8 +47,8 @@ def sgmv_shrink_kernel(
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    found, row_start, row_end, slot = _locate_tile(
-        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S)
+    found, row_start, row_end, _, slot = locate_tile(
+        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S, True)
     if not found or slot >= num_slots:
         return
     rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
@@ -127,8 +107,8 @@ def sgmv_expand_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    found, row_start, row_end, slot = _locate_tile(
-        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S)
+    found, row_start, row_end, _, slot = locate_tile(
+        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S, True)
     if not found or slot >= num_slots:
         return
     rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)

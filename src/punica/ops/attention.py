@@ -1,0 +1,181 @@
+"""Paged attention ops (Triton) beside `attention_ref.py` (pure torch).
+
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        k_cache.view(-1, H_kv, D)[slot_mapping[t]] = k[t]   (slot < 0: row skipped)
+    paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out)
+        rows cu[b]:cu[b+1] of q are the last positions of sequence b (context seq_lens[b], already
+        in the cache): out = softmax(q K^T * scale, causal) V per sequence and head
+    paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, workspace=None)
+        the same with exactly one query row per sequence (q [B, H, D]); with a DecodeWorkspace the
+        context is split over `num_splits` programs per (sequence, KV head) and merged
+
+Shapes: q/out [T, H, D]; caches [num_blocks, block_size, H_kv, D] (H a multiple of H_kv, grouped
+query heads h // (H / H_kv)); cu_seqlens_q int32 [B + 1]; seq_lens int32 [B]; block_tables int32
+[B, max_blocks]. No host sync, no allocation (the split workspace comes from the caller).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from punica.ops.attention_kernels import (
+    decode_reduce_kernel,
+    kv_write_kernel,
+    paged_decode_kernel,
+    paged_prefill_kernel,
+)
+from punica.ops.lora_checks import ACT_DTYPES, check_vector, expect
+from punica.ops.tiles import block_s, grid_rows
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Split-KV partials: part_out [B, H, S, D] and part_lse [B, H, S], float32."""
+
+    part_out: torch.Tensor
+    part_lse: torch.Tensor
+
+    @classmethod
+    def allocate(cls, max_seqs: int, num_heads: int, head_dim: int, num_splits: int,
+                 device: torch.device) -> DecodeWorkspace:
+        return cls(torch.empty(max_seqs, num_heads, num_splits, head_dim, device=device),
+                   torch.empty(max_seqs, num_heads, num_splits, device=device))
+
+    @property
+    def num_splits(self) -> int:
+        return int(self.part_lse.shape[2])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor) -> None:
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        expect(c.dim() == 4, name, "[num_blocks, block_size, kv_heads, head_dim]",
+               tuple(c.shape))
+        expect(c.is_contiguous(), name, "a contiguous tensor", f"strides {c.stride()}")
+        expect(c.dtype == q.dtype, f"{name}.dtype", str(q.dtype), c.dtype)
+        expect(c.device == q.device, f"{name}.device", str(q.device), c.device)
+    expect(k_cache.shape == v_cache.shape, "v_cache.shape", str(tuple(k_cache.shape)),
+           tuple(v_cache.shape))
+    expect(k_cache.shape[3] == q.shape[2], "k_cache.shape[3] (head_dim)", str(q.shape[2]),
+           k_cache.shape[3])
+    expect(q.shape[1] % k_cache.shape[2] == 0, "q.shape[1] (heads)",
+           f"a multiple of kv_heads ({k_cache.shape[2]})", q.shape[1])
+
+
+def _check_q(name: str, q: torch.Tensor) -> None:
+    expect(q.dim() == 3, name, "a 3-D tensor [tokens, heads, head_dim]", tuple(q.shape))
+    expect(q.dtype in ACT_DTYPES, f"{name}.dtype", "float16, bfloat16 or float32", q.dtype)
+    expect(q.stride(2) == 1, f"{name}.stride(2)", "1", q.stride(2))
+
+
+def _check_tables(seq_lens: torch.Tensor, block_tables: torch.Tensor, num_seqs: int,
+                  device: torch.device) -> None:
+    check_vector("seq_lens", seq_lens, torch.int32, device, num_seqs)
+    expect(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, "block_tables",
+           f"an int32 tensor [{num_seqs}, max_blocks]", tuple(block_tables.shape))
+    expect(block_tables.dtype == torch.int32, "block_tables.dtype", "torch.int32",
+           block_tables.dtype)
+    expect(block_tables.stride(1) == 1, "block_tables.stride(1)", "1", block_tables.stride(1))
+
+
+def _common(q: torch.Tensor, k_cache: torch.Tensor) -> dict[str, object]:
+    fp32 = q.dtype == torch.float32
+    return dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
+                BLOCK_SIZE=k_cache.shape[1], PRECISION="ieee" if fp32 else "tf32",
+                DOT_FP32=fp32 or (_interpreting() and q.dtype == torch.bfloat16))
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k_cache.view(-1, H_kv, D)[slot_mapping] = k, same for v; k, v [T, H_kv, D]."""
+    _check_q("k", k)
+    _check_q("v", v)
+    _check_cache(k_cache, v_cache, k)
+    expect(k.shape == v.shape and k.shape[1:] == k_cache.shape[2:], "k.shape[1:]",
+           str(tuple(k_cache.shape[2:])), tuple(k.shape[1:]))
+    check_vector("slot_mapping", slot_mapping, torch.int64, k.device, k.shape[0])
+    if k.shape[0] == 0:
+        return
+    kv_write_kernel[(k.shape[0], k.shape[1])](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(1), k_cache.stride(2), HEAD_DIM=k.shape[2],
+        BLOCK_D=triton.next_power_of_2(k.shape[2]))
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                  block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+                  block_m: int = 16, block_n: int = 32) -> torch.Tensor:
+    """Causal varlen attention of new query rows over the paged context (see module doc)."""
+    _check_q("q", q)
+    _check_q("out", out)
+    expect(out.shape == q.shape and out.dtype == q.dtype, "out", f"{tuple(q.shape)} {q.dtype}",
+           f"{tuple(out.shape)} {out.dtype}")
+    _check_cache(k_cache, v_cache, q)
+    num_seqs = seq_lens.numel()
+    check_vector("cu_seqlens_q", cu_seqlens_q, torch.int32, q.device, num_seqs + 1)
+    _check_tables(seq_lens, block_tables, num_seqs, q.device)
+    T, H = q.shape[0], q.shape[1]
+    if T == 0 or num_seqs == 0:
+        return out
+    grid = (grid_rows(T, num_seqs, block_m), H)
+    paged_prefill_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, num_seqs, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=H // k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_S=block_s(num_seqs), **_common(q, k_cache))
+    return out
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                 out: torch.Tensor, max_context: int | None = None,
+                 workspace: DecodeWorkspace | None = None, block_n: int = 32) -> torch.Tensor:
+    """One query row per sequence. With `workspace` the context (at most `max_context` tokens,
+    a host-side bound such as max_model_len) is split over workspace.num_splits programs."""
+    _check_q("q", q)
+    _check_q("out", out)
+    expect(out.shape == q.shape and out.dtype == q.dtype, "out", f"{tuple(q.shape)} {q.dtype}",
+           f"{tuple(out.shape)} {out.dtype}")
+    _check_cache(k_cache, v_cache, q)
+    B, H, D = q.shape
+    _check_tables(seq_lens, block_tables, B, q.device)
+    splits = workspace.num_splits if workspace is not None else 1
+    if splits > 1:
+        expect(max_context is not None and max_context >= 1, "max_context",
+               "the longest possible context (>= 1) when splitting", max_context)
+        expect(workspace.part_out.shape[0] >= B and workspace.part_out.shape[1] == H and
+               workspace.part_out.shape[3] == D, "workspace.part_out.shape",
+               f"[>= {B}, {H}, splits, {D}]", tuple(workspace.part_out.shape))
+    if B == 0:
+        return out
+    per_split = triton.cdiv(triton.cdiv(max_context or 1, splits), block_n) * block_n
+    if splits == 1:
+        per_split = 2**31 - 1
+    part_out = workspace.part_out if workspace is not None else out
+    part_lse = workspace.part_lse if workspace is not None else seq_lens
+    group = H // k_cache.shape[2]
+    common = _common(q, k_cache)
+    paged_decode_kernel[(B, k_cache.shape[2], splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables, scale, per_split,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2) if splits > 1 else 0,
+        part_lse.stride(0) if splits > 1 else 0, part_lse.stride(1) if splits > 1 else 0,
+        GROUP=group, GROUP_P2=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        NUM_SPLITS=splits, **common)
+    if splits > 1:
+        decode_reduce_kernel[(B, H)](
+            part_out, part_lse, out, part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=D,
+            BLOCK_D=common["BLOCK_D"])
+    return out
