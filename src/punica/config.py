@@ -19,6 +19,8 @@ class ModelConfig:
     """Longest prompt + completion; default: the model's max_position_embeddings."""
     seed: int = 0
     """Seed of the generator used by requests without a seed of their own."""
+    attention_backend: str = "auto"
+    """auto (Triton paged kernels on CUDA, torch reference on CPU), triton or torch."""
 
 
 @dataclass(frozen=True)

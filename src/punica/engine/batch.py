@@ -26,6 +26,10 @@ class Batch:
     lora_indptr: torch.Tensor  # [S + 1] int32 segment row offsets
     lora_slots: torch.Tensor  # [S] int32 adapter slot per segment (-1: base)
     order: list[ScheduledSeq]  # all scheduled sequences in row order
+    cu_seqlens_q_t: torch.Tensor  # the same three on the device, for the attention kernels
+    seq_lens_t: torch.Tensor  # [B] int32
+    block_tables_t: torch.Tensor  # [B, max_blocks] int32, zero padded
+    decode_only: bool  # every sequence has exactly one query row
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +66,8 @@ def build_batch(scheduled: list[ScheduledSeq], block_tables: dict[int, list[int]
     def as_tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+    width = max((len(t) for t in tables), default=0)
+    padded = [t + [0] * (width - len(t)) for t in tables]
     return Batch(
         input_ids=as_tensor(ids, torch.int64), positions=as_tensor(pos, torch.int64),
         slot_mapping=as_tensor(slot_map, torch.int64), cu_seqlens_q=cu, seq_lens=seq_lens,
@@ -69,4 +75,8 @@ def build_batch(scheduled: list[ScheduledSeq], block_tables: dict[int, list[int]
         lora_indptr=as_tensor(seg_bounds, torch.int32), lora_slots=as_tensor(seg_slots,
                                                                               torch.int32),
         order=order,
+        cu_seqlens_q_t=as_tensor(cu, torch.int32), seq_lens_t=as_tensor(seq_lens, torch.int32),
+        block_tables_t=torch.tensor(padded, dtype=torch.int32).reshape(len(tables), width).to(
+            device, non_blocking=True),
+        decode_only=all(s.num_new_tokens == 1 for s in order),
     )

@@ -34,6 +34,11 @@ class LLMEngine:
         device = torch.device(mc.device if mc.device != "auto" else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = device
+        if mc.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError("attention_backend: expected auto, triton or torch, got "
+                             f"{mc.attention_backend!r}")
+        self.attention_backend = mc.attention_backend if mc.attention_backend != "auto" else (
+            "triton" if device.type == "cuda" else "torch")
         self.model, self.arch, self.dtype = load_model(mc.model, mc.dtype, device)
         self.tokenizer = load_tokenizer(mc.model)
         self.max_model_len = mc.max_model_len or self.arch.max_position_embeddings
@@ -125,7 +130,7 @@ class LLMEngine:
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
         ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
-                          else None)
+                          else None, self.attention_backend)
         logits = self.model(ctx)
         self.scheduler.advance(out)
         if not batch.sampled:

@@ -16,6 +16,7 @@ from punica.engine.batch import Batch
 from punica.lora.pool import LoraPool
 from punica.models.arch import ModelArch
 from punica.models.rope import Rotary
+from punica.ops.attention import paged_decode, paged_prefill, write_kv_cache
 from punica.ops.attention_ref import paged_attention_ref, write_kv
 from punica.ops.lora import add_lora
 from punica.ops.lora_ref import add_lora_ref
@@ -29,6 +30,8 @@ class StepContext:
     kv_cache: torch.Tensor  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
     rotary: Rotary
     lora: LoraPool | None
+    attention_backend: str = "torch"
+    """torch: the reference (any device); triton: the paged kernels (CUDA, or the interpreter)."""
 
 
 class RMSNorm(nn.Module):
@@ -79,9 +82,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.rotary.apply(q, b.positions), ctx.rotary.apply(k, b.positions)
         k_cache, v_cache = ctx.kv_cache[self.layer, 0], ctx.kv_cache[self.layer, 1]
-        write_kv(k_cache, v_cache, k, v, b.slot_mapping)
-        out = paged_attention_ref(q, k_cache, v_cache, b.cu_seqlens_q, b.seq_lens,
-                                  b.block_tables, a.head_dim**-0.5)
+        scale = a.head_dim**-0.5
+        if ctx.attention_backend == "triton":
+            write_kv_cache(k, v, k_cache, v_cache, b.slot_mapping)
+            out = torch.empty_like(q)
+            if b.decode_only:
+                paged_decode(q, k_cache, v_cache, b.seq_lens_t, b.block_tables_t, scale, out)
+            else:
+                paged_prefill(q, k_cache, v_cache, b.cu_seqlens_q_t, b.seq_lens_t,
+                              b.block_tables_t, scale, out)
+        else:
+            write_kv(k_cache, v_cache, k, v, b.slot_mapping)
+            out = paged_attention_ref(q, k_cache, v_cache, b.cu_seqlens_q, b.seq_lens,
+                                      b.block_tables, scale)
         return _project(self.o_proj, out.view(n, -1), ctx, self.layer, "o")
 
 
