@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; logs and JSON go to $OUT (default ./gpu_out).
-# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh [--sweep] [--quick]
+# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op decode"] bash scripts/gpu_check.sh
+# Extra arguments go to the lora_op benchmark (e.g. --sweep).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
+STEPS=${STEPS:-tests lora_op decode}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-BENCH_ARGS=("$@")
+rc=0
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } 2>&1 | tee "$OUT/env.log"
 
-python3 -m pytest -q -p no:warnings -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
-tests_rc=${PIPESTATUS[0]}
-
-python3 -m punica.bench.lora_op --out-dir "$OUT" "${BENCH_ARGS[@]}" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-
-echo "gpu_check: tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+for step in $STEPS; do
+  case $step in
+    tests) python3 -m pytest -q -p no:warnings -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" ;;
+    lora_op) python3 -m punica.bench.lora_op --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/lora_op.log" ;;
+    decode) python3 -m punica.bench.decode --out-dir "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
+    *) echo "gpu_check: unknown step $step"; rc=1; continue ;;
+  esac
+  status=${PIPESTATUS[0]}
+  echo "gpu_check: $step rc=$status"
+  [ "$status" -eq 0 ] || rc=1
+done
+exit $rc

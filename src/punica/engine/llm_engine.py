@@ -18,17 +18,20 @@ from punica.engine.sequence import Sequence
 from punica.engine.sizing import kv_blocks
 from punica.engine.stops import StopChecker
 from punica.errors import AdapterInUseError, AdapterNotFoundError, CapacityError
+from punica.lora.peft import AdapterWeights
 from punica.lora.pool import LoraPool
 from punica.lora.registry import AdapterRegistry
 from punica.lora.slots import AdapterSlots
-from punica.models.llama import StepContext
+from punica.models.llama import CausalLM, StepContext
 from punica.models.loader import load_model
 from punica.models.rope import Rotary
 from punica.tokens import load_tokenizer
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: CausalLM | None = None) -> None:
+        """`model`: an already built model (benchmarks' random weights); else config.model.model
+        is loaded from disk."""
         self.config = config
         mc, cc, lc = config.model, config.cache, config.lora
         device = torch.device(mc.device if mc.device != "auto" else
@@ -39,8 +42,13 @@ class LLMEngine:
                              f"{mc.attention_backend!r}")
         self.attention_backend = mc.attention_backend if mc.attention_backend != "auto" else (
             "triton" if device.type == "cuda" else "torch")
-        self.model, self.arch, self.dtype = load_model(mc.model, mc.dtype, device)
-        self.tokenizer = load_tokenizer(mc.model)
+        if model is None:
+            self.model, self.arch, self.dtype = load_model(mc.model, mc.dtype, device)
+            self.tokenizer = load_tokenizer(mc.model)
+        else:
+            self.model, self.arch = model, model.arch
+            self.dtype = model.model.embed_tokens.weight.dtype
+            self.tokenizer = None
         self.max_model_len = mc.max_model_len or self.arch.max_position_embeddings
         max_tokens = config.scheduler.max_num_batched_tokens
         self.lora_pool = (LoraPool(self.arch, lc.max_loras, lc.max_lora_rank, max_tokens,
@@ -74,6 +82,13 @@ class LLMEngine:
             raise AdapterInUseError(f"adapter {name!r} is in use; remove it when idle")
         self.registry.add(name, path)
         self.slots.drop(name)  # a reload must be copied into the pool again
+
+    def add_lora_weights(self, weights: AdapterWeights) -> None:
+        """Register adapter weights held in memory (no directory behind them)."""
+        if self.lora_pool is None:
+            raise CapacityError("LoRA is disabled (max_loras=0)")
+        self.registry.add_weights(weights)
+        self.slots.drop(weights.name)
 
     def remove_lora(self, name: str) -> None:
         if name not in self.registry:

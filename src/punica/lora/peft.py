@@ -101,7 +101,7 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 
 def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
                  allow_pickle: bool = False) -> AdapterWeights:
-    """Parse and validate a PEFT LoRA adapter for `arch`; weights stay on the CPU (fp32)."""
+    """Parse and validate a PEFT LoRA adapter for `arch`; weights stay on the CPU."""
     path = Path(path)
     cfg = read_config(path)
     tensors = read_tensors(path, allow_pickle)
@@ -143,7 +143,8 @@ def _module(path: Path, cfg: dict, arch: ModelArch, max_rank: int, layer: int, p
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     if not torch.isfinite(A).all() or not torch.isfinite(B).all():
         raise _fail(path, f"{where}: non-finite weights")
-    return ModuleLora(A=A.float().contiguous(), B=B.float().contiguous(), scale=float(scale))
+    # Kept in the file's dtype (the pool casts on its one copy): host memory stays small.
+    return ModuleLora(A=A.contiguous(), B=B.contiguous(), scale=float(scale))
 
 
 __all__ = ["AdapterWeights", "ModuleLora", "PROJECTIONS", "load_adapter"]

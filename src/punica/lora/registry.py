@@ -20,6 +20,7 @@ class AdapterRegistry:
         self.max_cached = max(1, max_cached)
         self.paths: dict[str, str] = {}
         self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._in_memory: dict[str, AdapterWeights] = {}  # no path: never evicted
 
     def __contains__(self, name: object) -> bool:
         return name in self.paths
@@ -30,15 +31,23 @@ class AdapterRegistry:
         self._remember(weights)
         return weights
 
+    def add_weights(self, weights: AdapterWeights) -> None:
+        """Register weights built in memory (benchmarks, tests)."""
+        self.paths[weights.name] = ""
+        self._in_memory[weights.name] = weights
+
     def remove(self, name: str) -> None:
         if name not in self.paths:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
         del self.paths[name]
         self._cache.pop(name, None)
+        self._in_memory.pop(name, None)
 
     def get(self, name: str) -> AdapterWeights:
         if name not in self.paths:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        if name in self._in_memory:
+            return self._in_memory[name]
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]

@@ -1,0 +1,31 @@
+"""The `punica` command: `punica bench decode|lora-op ...` (the server arrives with `serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+BENCHES = {
+    "decode": "punica.bench.decode",
+    "lora-op": "punica.bench.lora_op",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="punica", description="Punica: many LoRA adapters of one "
+                                 "base model, served from shared GPUs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run a benchmark (writes JSON to benchmarks/results)")
+    bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="its own flags (see NAME --help)")
+    ns = ap.parse_args(argv)
+    if ns.command == "bench":
+        import importlib
+
+        return importlib.import_module(BENCHES[ns.name]).main(ns.args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

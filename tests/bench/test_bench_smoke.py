@@ -1,0 +1,30 @@
+"""The step benchmarks run end to end on a tiny random model on the CPU and write their JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from punica.bench.rig import mix_slots
+from punica.cli import main
+
+
+def test_decode_bench_smoke(tmp_path: Path) -> None:
+    rc = main(["bench", "decode", "--arch", "tiny", "--device", "cpu", "--batches", "1,4",
+               "--contexts", "16", "--mixes", "distinct,none", "--prefill-tokens", "64",
+               "--reps", "2", "--kv-tokens", "64", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "decode.json").read_text())
+    rows = result["rows"]
+    assert [(r["kind"], r["mix"], r["batch"]) for r in rows] == [
+        ("decode", "distinct", 1), ("decode", "none", 1), ("decode", "distinct", 4),
+        ("decode", "none", 4), ("prefill", "none", 1)]
+    assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert result["commit"] and result["command"].startswith("punica bench decode")
+
+
+def test_mix_slots() -> None:
+    assert mix_slots("distinct", 3) == [0, 1, 2]
+    assert mix_slots("identical", 3) == [0, 0, 0]
+    assert mix_slots("none", 2) == [-1, -1]
+    assert mix_slots("uniform", 4) == [0, 0, 1, 1]
