@@ -131,8 +131,43 @@ def test_output_column_slice(device: torch.device) -> None:
 def test_add_lora_matches_reference(device: torch.device, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(5)
     p = problem_for_mix(gen, device, dtype, "skewed", 20, 64, 72, max_rank=32)
-    workspace = torch.empty(lora.workspace_numel(20, 32), device=device)
+    workspace = torch.zeros(lora.workspace_numel(20, 32), device=device)
     y = p.y0.clone()
     lora.add_lora(y, p.x, p.A, p.B, p.indptr, p.slots, p.ranks, p.scales, workspace)
     _, y_ref = run_reference(p)
     assert rel_err(y.cpu(), y_ref) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("num_splits", (1, 3, 4))
+@pytest.mark.parametrize("mix", MIXES)
+def test_reduce_in_shrink(device: torch.device, mix: str, num_splits: int) -> None:
+    """The last split to finish sums the partials into v_out; every counter is zero again."""
+    gen = torch.Generator().manual_seed(seed_of("reduce", mix, num_splits))
+    p = problem_for_mix(gen, device, torch.float16, mix, 21, 96, 80, max_rank=32)
+    T = p.x.shape[0]
+    workspace = torch.zeros(lora.workspace_numel(T + 5, 32), device=device)
+    shrink = lora.ShrinkConfig(block_m=16, block_r=16, block_k=32, num_splits=num_splits,
+                               reduce=True)
+    for _ in range(2):  # the second call relies on the counters the first one reset
+        v, v_out, counters = lora.workspace_views(workspace, num_splits, T, 32)
+        v_out.fill_(float("nan"))
+        y = p.y0.clone()
+        lora.add_lora(y, p.x, p.A, p.B, p.indptr, p.slots, p.ranks, p.scales, workspace,
+                      shrink=shrink)
+        v_ref, y_ref = run_reference(p)
+        mask = p.v_mask()
+        assert rel_err(v_out[0].cpu()[mask], v_ref.sum(0)[mask]) <= REL_TOL[torch.float32] * 4
+        assert rel_err(y.cpu(), y_ref) <= REL_TOL[torch.float16]
+        assert int(counters.abs().sum()) == 0
+
+
+def test_reduce_needs_its_buffers(device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(1)
+    p = problem_for_mix(gen, device, torch.float32, "uniform", 4, 32, 24, max_rank=16)
+    cfg = lora.ShrinkConfig(block_m=16, block_r=16, block_k=32, num_splits=2, reduce=True)
+    v = torch.zeros(2, 4, 16, device=device)
+    with pytest.raises(ValueError, match=r"^v_out: expected a contiguous float32"):
+        lora.sgmv_shrink(p.x, p.A, p.indptr, p.slots, p.ranks, v, cfg)
+    with pytest.raises(ValueError, match=r"^counters: expected a zeroed int32"):
+        lora.sgmv_shrink(p.x, p.A, p.indptr, p.slots, p.ranks, v, cfg,
+                         v_out=torch.zeros(1, 4, 16, device=device))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from punica.ops import lora
+from punica.ops import lora, lora_config
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 7, 8, 63, 64, 128, 512, 1000, 4096, 8192, 32768])
@@ -12,8 +12,8 @@ from punica.ops import lora
 def test_splits_fit_the_workspace(num_tokens: int, in_features: int) -> None:
     for num_segments in {1, max(1, num_tokens // 4), num_tokens}:
         cfg = lora.shrink_config(num_tokens, num_segments, in_features, 64)
-        assert 1 <= cfg.num_splits <= lora.MAX_SPLITS
-        assert cfg.num_splits == 1 or in_features // cfg.num_splits >= lora.MIN_K_PER_SPLIT
+        assert 1 <= cfg.num_splits <= lora_config.MAX_SPLITS
+        assert cfg.num_splits == 1 or in_features // cfg.num_splits >= lora_config.MIN_K_PER_SPLIT
         assert cfg.num_splits * num_tokens * 64 <= lora.workspace_numel(num_tokens, 64)
 
 

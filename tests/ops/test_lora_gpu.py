@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def test_cuda_graph_replay_follows_new_segments(mix: str) -> None:
     device, dtype, T, S, R = torch.device("cuda"), torch.float16, 64, 64, 64
     gen = torch.Generator().manual_seed(3)
     p = problem_for_mix(gen, device, dtype, "distinct", T, 4096, 11008, max_rank=R)
-    workspace = torch.empty(lora.workspace_numel(T, R), device=device)
+    workspace = torch.zeros(lora.workspace_numel(T, R), device=device)
     y = p.y0.clone()
     args = (p.x, p.A, p.B, p.indptr, p.slots, p.ranks, p.scales, workspace)
     lora.add_lora(y, *args)  # compile outside the capture
@@ -74,3 +76,34 @@ def test_cuda_graph_replay_follows_new_segments(mix: str) -> None:
     _, y_ref = run_reference(p)
     assert rel_err(y.cpu(), y_ref) <= REL_TOL[dtype]
     assert not torch.equal(y.cpu(), p.y0.cpu())
+
+
+@pytest.mark.parametrize("mix,bs", [("distinct", 64), ("identical", 64), ("distinct", 1),
+                                    ("skewed", 133)])
+def test_reduce_in_shrink_under_replay_stress(mix: str, bs: int) -> None:
+    """The arrival-counter reduction is a cross-program protocol: replay it many times in a
+    graph on fresh inputs and compare each result (a race shows as a moving error)."""
+    device, dtype, R = torch.device("cuda"), torch.float16, 16
+    gen = torch.Generator().manual_seed(seed_of("stress", mix, bs))
+    p = problem_for_mix(gen, device, dtype, mix, bs, 4096, 11008, max_rank=R)
+    workspace = torch.zeros(lora.workspace_numel(bs, R), device=device)
+    shrink = dataclasses.replace(lora.shrink_config(bs, p.slots.numel(), 4096, R), reduce=True)
+    y = p.y0.clone()
+    args = (p.x, p.A, p.B, p.indptr, p.slots, p.ranks, p.scales, workspace)
+    lora.add_lora(y, *args, shrink=shrink)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora.add_lora(y, *args, shrink=shrink)
+    for trial in range(40):
+        p.x.copy_(torch.randn(p.x.shape, generator=gen).to(dtype))
+        y.copy_(p.y0)
+        for _ in range(5):  # back-to-back replays reuse the counters the previous one reset
+            graph.replay()
+            y.copy_(p.y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        _, y_ref = run_reference(p)
+        assert rel_err(y.cpu(), y_ref) <= REL_TOL[dtype], f"trial {trial}"
+    _, _, counters = lora.workspace_views(workspace, shrink.num_splits, bs, R)
+    assert int(counters.abs().sum()) == 0

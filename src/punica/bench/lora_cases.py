@@ -82,15 +82,21 @@ def build(case: Case, in_f: int, out_f: int, dtype: torch.dtype, l2_bytes: int,
             segments=segments,
             row_slots=torch.tensor(row_slots, dtype=torch.int64, device=dev),
         ))
-    workspace = torch.empty(lora.workspace_numel(case.bs, case.rank), device=dev)
+    workspace = torch.zeros(lora.workspace_numel(case.bs, case.rank), device=dev)
     return Bench(case, A, B, ranks, scales, scales.tolist(), calls, workspace)
 
 
 def ours(b: Bench, c: Call, shrink: lora.ShrinkConfig | None = None,
-         expand: lora.ExpandConfig | None = None) -> None:
-    """Punica's SGMV: shrink + expand (default launch configs unless given)."""
-    if shrink is None and expand is None:
-        lora.add_lora(c.y, c.x, b.A, b.B, c.indptr, c.slots, b.ranks, b.scales, b.workspace)
+         expand: lora.ExpandConfig | None = None, reduce: bool = False) -> None:
+    """Punica's SGMV: shrink + expand (default launch configs unless given; `reduce`: the
+    partials summed inside the shrink)."""
+    if expand is None and (shrink is None or reduce):
+        if reduce:
+            T, R = c.x.shape[0], b.A.shape[1]
+            shrink = dataclasses.replace(
+                shrink or lora.shrink_config(T, c.slots.numel(), c.x.shape[1], R), reduce=True)
+        lora.add_lora(c.y, c.x, b.A, b.B, c.indptr, c.slots, b.ranks, b.scales, b.workspace,
+                      shrink=shrink)
         return
     T = c.x.shape[0]
     shrink = shrink or lora.shrink_config(T, c.slots.numel(), c.x.shape[1], b.A.shape[1])

@@ -55,6 +55,8 @@ def measure(case: lc.Case, copy_tbps: float, l2_bytes: int) -> dict[str, object]
     row["rel_err"] = check(b)
     row["ours_us"] = eager_us(lambda: lc.ours(b, first))
     row["ours_graph_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
+    row["ours_graph_reduce_us"] = graph_us([lambda c=c: lc.ours(b, c, reduce=True)
+                                            for c in b.calls])
     os.environ["PUNICA_DISABLE_PDL"] = "1"
     row["ours_graph_nopdl_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
     del os.environ["PUNICA_DISABLE_PDL"]
@@ -139,8 +141,8 @@ def _sweep_only(out_dir: Path, copy_tbps: float, l2_bytes: int, argv: list[str] 
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    cols = ("mix", "bs", "rank", "floor_us", "ours_graph_us", "ours_graph_nopdl_us", "ours_us",
-            "loop_us",
+    cols = ("mix", "bs", "rank", "floor_us", "ours_graph_us", "ours_graph_reduce_us",
+            "ours_graph_nopdl_us", "ours_us", "loop_us",
             "gather_bmm_us", "rel_err")
     print(" | ".join(f"{c[:9]:>9}" for c in cols))
     for r in rows:

@@ -20,97 +20,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from punica.ops import lora_checks as chk
+from punica.ops.lora_config import (
+    ExpandConfig,
+    ShrinkConfig,
+    expand_config,
+    shrink_config,
+    workspace_numel,
+    workspace_views,
+)
 from punica.ops.lora_kernels import sgmv_expand_kernel, sgmv_shrink_kernel
 from punica.ops.lora_ref import add_lora_ref
 from punica.ops.tiles import block_s, grid_rows
 
-MAX_SPLITS = 16
-SPLIT_ROWS_BUDGET = 4096  # num_splits * T never exceeds max(T, this): bounds workspace and v reads
-MIN_K_PER_SPLIT = 256
-# Shrink programs to aim for (about 8 per SM on an H200): the sweep in lora_op_sweep.json put
-# 16 splits at bs 64 Distinct 19% ahead of 8 in the shrink + expand pair.
-SHRINK_TARGET_PROGRAMS = 1024
-# Expand (row tile x column tile) pairs per program are grouped until about this many programs.
-EXPAND_TARGET_PROGRAMS = 512
-
-
-@dataclass(frozen=True)
-class ShrinkConfig:
-    """Launch parameters of the shrink kernel."""
-
-    block_m: int
-    """Rows per tile (>= 16: tensor-core dot)."""
-    block_r: int
-    """Rank columns per program; rank tiles past a slot's rank exit at once."""
-    block_k: int
-    """Input features per loop step."""
-    num_splits: int
-    """Split-K factor: partials written to v[0:num_splits]."""
-    num_warps: int = 4
-    num_stages: int = 3
-    use_pdl: bool | None = None
-    """Programmatic dependent launch (Hopper+): None = on where the device supports it."""
-
-
-@dataclass(frozen=True)
-class ExpandConfig:
-    """Launch parameters of the expand kernel."""
-
-    block_m: int
-    """Rows per tile (>= 16)."""
-    block_n: int
-    """Output features per program."""
-    block_r: int = 16
-    """Rank columns held at once; must be >= the pool's max_rank (a power of two >= 16)."""
-    tiles_per_program: int = 1
-    """Consecutive BLOCK_N column tiles per program (amortises the tile lookup and v load)."""
-    num_warps: int = 4
-    num_stages: int = 3
-    use_pdl: bool | None = False
-    """Overlap launch and tile lookup with the previous kernel: valid only right after
-    sgmv_shrink (add_lora turns it on there). None = on where supported."""
-
-
-def _block_m(num_tokens: int, num_segments: int) -> int:
-    mean_len = num_tokens / max(num_segments, 1)
-    return 16 if mean_len <= 16 else 32 if mean_len <= 32 else 64
-
-
-def shrink_config(num_tokens: int, num_segments: int, in_features: int,
-                  max_rank: int) -> ShrinkConfig:
-    """Default shrink launch: enough split-K programs to stream A at full bandwidth."""
-    block_m = _block_m(num_tokens, num_segments)
-    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
-    tiles = min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
-    splits = 1
-    while (splits * 2 <= MAX_SPLITS and tiles * splits < SHRINK_TARGET_PROGRAMS
-           and in_features // (splits * 2) >= MIN_K_PER_SPLIT
-           and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
-        splits *= 2
-    return ShrinkConfig(block_m=block_m, block_r=block_r, block_k=64, num_splits=splits)
-
-
-def expand_config(num_tokens: int, num_segments: int, out_features: int,
-                  max_rank: int) -> ExpandConfig:
-    """Default expand launch."""
-    block_m = _block_m(num_tokens, num_segments)
-    block_r = max(16, triton.next_power_of_2(max_rank))
-    block_n = max(32, min(256 if block_m == 16 else 128, 8192 // block_r))
-    tiles = grid_rows(num_tokens, num_segments, block_m) * triton.cdiv(out_features, block_n)
-    per_program = max(1, min(8, tiles // EXPAND_TARGET_PROGRAMS))
-    return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r,
-                        tiles_per_program=per_program)
-
-
-def workspace_numel(max_tokens: int, max_rank: int) -> int:
-    """Float32 elements a workspace needs for any call of up to `max_tokens` rows."""
-    return max(max_tokens, SPLIT_ROWS_BUDGET) * max_rank
+__all__ = ["ExpandConfig", "ShrinkConfig", "add_lora", "expand_config", "sgmv_expand",
+           "sgmv_shrink", "shrink_config", "workspace_numel", "workspace_views"]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -151,8 +79,13 @@ def sgmv_shrink(
     v: torch.Tensor,
     config: ShrinkConfig | None = None,
     check_values: bool | None = None,
+    v_out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """v.sum(0)[rows, :r] = x[rows] @ A_pool[w, :r].T per segment; v [num_splits, T, max_rank] fp32.
+
+    With config.reduce, also v_out[0] = v.sum(0) on the same entries (v_out [1, T, max_rank] fp32;
+    counters: int32, >= T * cdiv(max_rank, 16) elements, all zero, left zero).
 
     x [T, in] fp16/bf16/fp32 (unit column stride), A_pool [num_slots, max_rank, in] contiguous of
     x's dtype, indptr int32 [S + 1], slots int32 [S], ranks int32 [num_slots]. `config.num_splits`
@@ -170,6 +103,16 @@ def sgmv_shrink(
         config = shrink_config(num_tokens, num_segments, in_features, max_rank)
     chk.expect(v.shape[0] == config.num_splits, "v.shape[0]",
                f"num_splits = {config.num_splits}", v.shape[0])
+    if config.reduce:
+        chk.expect(v_out is not None and tuple(v_out.shape) == (1, num_tokens, max_rank)
+                   and v_out.dtype == torch.float32 and v_out.is_contiguous(), "v_out",
+                   f"a contiguous float32 [1, {num_tokens}, {max_rank}] tensor (config.reduce)",
+                   None if v_out is None else (tuple(v_out.shape), v_out.dtype))
+        need = num_tokens * triton.cdiv(max_rank, 16)
+        chk.expect(counters is not None and counters.dtype == torch.int32
+                   and counters.numel() >= need, "counters",
+                   f"a zeroed int32 tensor of >= {need} elements (config.reduce)",
+                   None if counters is None else (counters.numel(), counters.dtype))
     if chk.should_check_values(x, check_values):
         chk.check_values(indptr, slots, ranks, num_tokens, max_rank)
     if num_tokens == 0 or num_segments == 0:
@@ -178,14 +121,18 @@ def sgmv_shrink(
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.num_splits), config.block_k)
     grid = (grid_rows(num_tokens, num_segments, config.block_m),
             triton.cdiv(max_rank, config.block_r), config.num_splits)
+    v_out = v_out if config.reduce else v
+    counters = counters if config.reduce else indptr
     sgmv_shrink_kernel[grid](
-        x, A_pool, v, indptr, slots, ranks,
-        num_segments, num_slots, max_rank, in_features, k_per_split * config.block_k,
+        x, A_pool, v, indptr, slots, ranks, v_out, counters,
+        num_segments, num_slots, max_rank, in_features, k_per_split * config.block_k, grid[1],
         x.stride(0), A_pool.stride(0), A_pool.stride(1), v.stride(0), v.stride(1),
+        v_out.stride(1),
         BLOCK_M=config.block_m, BLOCK_R=config.block_r,
         BLOCK_K=config.block_k, BLOCK_S=block_s(num_segments), PRECISION=_precision(x.dtype),
         # Triton's CPU interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot: upcast there.
         DOT_IN_FP32=_interpreting() and x.dtype == torch.bfloat16, USE_PDL=pdl,
+        REDUCE=config.reduce, NUM_SPLITS=config.num_splits, FENCE=not _interpreting(),
         **_launch_opts(config, pdl),
     )
     return v
@@ -249,29 +196,31 @@ def add_lora(
     scales: torch.Tensor,
     workspace: torch.Tensor | None = None,
     check_values: bool | None = None,
+    shrink: ShrinkConfig | None = None,
 ) -> torch.Tensor:
     """y[rows] += scales[w] * (x[rows] @ A_pool[w, :r].T) @ B_pool[w, :r] per segment, in place.
 
-    CUDA: shrink + expand kernels; `workspace` is a float32 buffer of at least
-    `workspace_numel(T, max_rank)` elements, allocated once by the caller (required on CUDA).
+    CUDA: shrink + expand kernels; `workspace` is a zeroed float32 buffer of at least
+    `workspace_numel(T, max_rank)` elements, allocated once by the caller (required on CUDA);
+    `shrink` overrides the default shrink launch (e.g. reduce=True).
     CPU: the torch reference (`workspace` unused). Returns y.
     """
     if x.device.type == "cpu" and not _interpreting():
         return add_lora_ref(y, x, A_pool, B_pool, indptr, slots, ranks, scales)
     num_tokens, max_rank = x.shape[0], A_pool.shape[1]
-    shrink = shrink_config(num_tokens, slots.numel(), x.shape[1], max_rank)
-    needed = shrink.num_splits * num_tokens * max_rank
+    shrink = shrink or shrink_config(num_tokens, slots.numel(), x.shape[1], max_rank)
     if workspace is None:
-        raise ValueError("workspace: expected a float32 buffer of workspace_numel(T, max_rank) "
-                         "elements (allocated once by the caller), got None")
+        raise ValueError("workspace: expected a zeroed float32 buffer of workspace_numel(T, "
+                         "max_rank) elements (allocated once by the caller), got None")
     chk.check_vector("workspace", workspace, torch.float32, x.device)
-    chk.expect(workspace.numel() >= needed, "workspace.numel()", f">= {needed}",
-               workspace.numel())
-    v = workspace[:needed].view(shrink.num_splits, num_tokens, max_rank)
-    sgmv_shrink(x, A_pool, indptr, slots, ranks, v, shrink, check_values)
+    need = workspace_numel(num_tokens, max_rank)
+    chk.expect(workspace.numel() >= need, "workspace.numel()", f">= {need}", workspace.numel())
+    v, v_out, counters = workspace_views(workspace, shrink.num_splits, num_tokens, max_rank)
+    sgmv_shrink(x, A_pool, indptr, slots, ranks, v, shrink, check_values, v_out, counters)
     expand = expand_config(num_tokens, slots.numel(), y.shape[1], max_rank)
     expand = dataclasses.replace(expand, use_pdl=None)  # launched right after its shrink
-    return sgmv_expand(v, B_pool, indptr, slots, ranks, scales, y, expand, False)
+    v_read = v_out if shrink.reduce else v
+    return sgmv_expand(v_read, B_pool, indptr, slots, ranks, scales, y, expand, False)
 
 
 def _interpreting() -> bool:

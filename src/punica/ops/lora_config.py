@@ -1,0 +1,118 @@
+"""Launch configurations of the SGMV kernels, their default heuristics, and the workspace layout.
+
+The defaults come from measurements on the H200 (`benchmarks/results/lora_op_sweep.json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from punica.ops.tiles import grid_rows
+
+MAX_SPLITS = 16
+SPLIT_ROWS_BUDGET = 4096  # num_splits * T never exceeds max(T, this): bounds workspace and v reads
+MIN_K_PER_SPLIT = 256
+# Shrink programs to aim for (about 8 per SM on an H200): the sweep in lora_op_sweep.json put
+# 16 splits at bs 64 Distinct 19% ahead of 8 in the shrink + expand pair.
+SHRINK_TARGET_PROGRAMS = 1024
+# Expand (row tile x column tile) pairs per program are grouped until about this many programs.
+EXPAND_TARGET_PROGRAMS = 512
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Launch parameters of the shrink kernel."""
+
+    block_m: int
+    """Rows per tile (>= 16: tensor-core dot)."""
+    block_r: int
+    """Rank columns per program; rank tiles past a slot's rank exit at once."""
+    block_k: int
+    """Input features per loop step."""
+    num_splits: int
+    """Split-K factor: partials written to v[0:num_splits]."""
+    num_warps: int = 4
+    num_stages: int = 3
+    use_pdl: bool | None = None
+    """Programmatic dependent launch (Hopper+): None = on where the device supports it."""
+    reduce: bool = False
+    """Sum the split partials inside the shrink (last split to finish), so the expand reads one
+    v tile; needs v_out and zeroed counters (add_lora carves both from its workspace)."""
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Launch parameters of the expand kernel."""
+
+    block_m: int
+    """Rows per tile (>= 16)."""
+    block_n: int
+    """Output features per program."""
+    block_r: int = 16
+    """Rank columns held at once; must be >= the pool's max_rank (a power of two >= 16)."""
+    tiles_per_program: int = 1
+    """Consecutive BLOCK_N column tiles per program (amortises the tile lookup and v load)."""
+    num_warps: int = 4
+    num_stages: int = 3
+    use_pdl: bool | None = False
+    """Overlap launch and tile lookup with the previous kernel: valid only right after
+    sgmv_shrink (add_lora turns it on there). None = on where supported."""
+
+
+def _block_m(num_tokens: int, num_segments: int) -> int:
+    mean_len = num_tokens / max(num_segments, 1)
+    return 16 if mean_len <= 16 else 32 if mean_len <= 32 else 64
+
+
+def shrink_config(num_tokens: int, num_segments: int, in_features: int,
+                  max_rank: int) -> ShrinkConfig:
+    """Default shrink launch: enough split-K programs to stream A at full bandwidth."""
+    block_m = _block_m(num_tokens, num_segments)
+    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
+    tiles = min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
+    splits = 1
+    while (splits * 2 <= MAX_SPLITS and tiles * splits < SHRINK_TARGET_PROGRAMS
+           and in_features // (splits * 2) >= MIN_K_PER_SPLIT
+           and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
+        splits *= 2
+    return ShrinkConfig(block_m=block_m, block_r=block_r, block_k=64, num_splits=splits)
+
+
+def expand_config(num_tokens: int, num_segments: int, out_features: int,
+                  max_rank: int) -> ExpandConfig:
+    """Default expand launch."""
+    block_m = _block_m(num_tokens, num_segments)
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_n = max(32, min(256 if block_m == 16 else 128, 8192 // block_r))
+    tiles = grid_rows(num_tokens, num_segments, block_m) * triton.cdiv(out_features, block_n)
+    per_program = max(1, min(8, tiles // EXPAND_TARGET_PROGRAMS))
+    return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r,
+                        tiles_per_program=per_program)
+
+
+def workspace_numel(max_tokens: int, max_rank: int) -> int:
+    """Float32 elements a workspace needs for any call of up to `max_tokens` rows: split
+    partials, the reduced v, and one int32 arrival counter per (row tile, rank tile)."""
+    return (max(max_tokens, SPLIT_ROWS_BUDGET) * max_rank + max_tokens * max_rank
+            + max_tokens * triton.cdiv(max_rank, 16))
+
+
+def workspace_views(workspace: torch.Tensor, num_splits: int, num_tokens: int,
+                    max_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v partials [S, T, R], reduced v [1, T, R], counters int32) inside a zeroed workspace.
+
+    Partials and v start at the front; the counters sit at the very end, a region that no
+    call's partials or v reach (workspace_numel reserves it for its largest T), so they stay all
+    zero between calls: workspaces are allocated with torch.zeros and the kernel resets every
+    counter it uses.
+    """
+    partials = num_splits * num_tokens * max_rank
+    reduced = num_tokens * max_rank
+    counters = num_tokens * triton.cdiv(max_rank, 16)
+    v = workspace[:partials].view(num_splits, num_tokens, max_rank)
+    v_out = workspace[partials: partials + reduced].view(1, num_tokens, max_rank)
+    tail = workspace[workspace.numel() - counters:]
+    return v, v_out, tail.view(torch.int32)
