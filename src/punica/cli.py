@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "decode": "punica.bench.decode",
     "lora-op": "punica.bench.lora_op",
+    "textgen": "punica.bench.textgen",
 }
 
 

@@ -28,3 +28,26 @@ def test_mix_slots() -> None:
     assert mix_slots("identical", 3) == [0, 0, 0]
     assert mix_slots("none", 2) == [-1, -1]
     assert mix_slots("uniform", 4) == [0, 0, 1, 1]
+
+
+def test_textgen_bench_smoke(tmp_path: Path) -> None:
+    rc = main(["bench", "textgen", "--arch", "tiny", "--device", "cpu", "--num-requests", "6",
+               "--maxlen", "48", "--mixes", "distinct,identical", "--caps", "3", "--max-loras",
+               "2", "--hf-requests", "2", "--kv-cache-gb", "0.01", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "textgen.json").read_text())["rows"]
+    assert [(r["engine"], r["mix"]) for r in rows] == [
+        ("punica", "distinct"), ("punica", "identical"), ("punica", "no-lora"),
+        ("hf+peft", "distinct")]
+    assert all(r["requests"] == (6 if r["engine"] == "punica" else 2) for r in rows)
+    assert all(r["tok_s"] > 0 for r in rows)
+
+
+def test_workload_lengths() -> None:
+    from punica.bench.workloads import adapter_of_requests, request_lengths
+
+    lengths = request_lengths(500, 2048, seed=1)
+    assert all(1 <= p <= 2046 and 1 <= o and p + o <= 2047 for p, o in lengths)
+    prompts = sorted(p for p, _ in lengths)
+    assert 10 <= prompts[250] <= 25  # median of -1 + 18 exp(0.8 Z) is 17
+    assert adapter_of_requests("skewed", 6) == [0, 0, 1, 1, 2, 3]

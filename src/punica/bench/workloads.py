@@ -50,3 +50,30 @@ def indptr_of(lengths: list[int]) -> list[int]:
     for length in lengths:
         out.append(out[-1] + length)
     return out
+
+
+def request_lengths(n: int, maxlen: int, seed: int) -> list[tuple[int, int]]:
+    """(prompt, output) lengths of the Punica text-generation workload.
+
+    prompt ~ lognormal(sigma=0.8, loc=-1, scale=18) clipped to [1, maxlen - 2]; total ~
+    U[0, maxlen); output = total - prompt, at least 1 and at most maxlen - 1 - prompt.
+    """
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = int(-1 + 18 * math.exp(0.8 * rng.gauss(0.0, 1.0)))
+        prompt = min(max(prompt, 1), maxlen - 2)
+        total = rng.randrange(maxlen)
+        output = min(max(total - prompt, 1), maxlen - 1 - prompt)
+        out.append((prompt, output))
+    return out
+
+
+def adapter_of_requests(mix: str, n: int) -> list[int]:
+    """Adapter index of each of n requests (shuffled order is the caller's business)."""
+    out: list[int] = []
+    for adapter, length in enumerate(segment_lengths(mix, n)):
+        out.extend([adapter] * length)
+    return out

@@ -1,0 +1,151 @@
+"""The Punica text-generation workload through the engine, on random weights.
+
+    punica bench textgen [--num-requests 1000] [--mixes ...] [--caps 32,0] [--hf-requests 8]
+
+All requests are submitted at once; throughput counts (prompt + output tokens) / wall time as the
+paper does, and output tokens / wall time. Side by side in the same run: the engine with LoRA off
+(backbone only) and HF transformers + PEFT `generate(adapter_names=...)` on a few requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from punica.bench.timing import run_info
+from punica.bench.workloads import adapter_of_requests, request_lengths
+from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
+from punica.engine.llm_engine import LLMEngine
+from punica.engine.sampling_params import SamplingParams
+from punica.engine.scheduler import SchedulerConfig
+from punica.models.random import llama2_7b, random_adapter, random_model, tiny
+
+
+def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: list[str | None],
+               vocab: int, label: str) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    for i, ((p_len, o_len), name) in enumerate(zip(requests, adapters, strict=True)):
+        prompt = torch.randint(1, vocab, (p_len,), generator=gen).tolist()
+        engine.add_request(f"{label}-{i}", prompt, SamplingParams(
+            max_tokens=o_len, temperature=0.0, ignore_eos=True), name)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start, done, out_tokens = time.perf_counter(), 0, 0
+    with tqdm(total=len(requests), desc=label, unit="req") as bar:
+        while engine.has_unfinished():
+            for out in engine.step():
+                done += 1
+                out_tokens += len(out.token_ids)
+                bar.update()
+    wall = time.perf_counter() - start
+    total = sum(p for p, _ in requests) + out_tokens
+    return {"wall_s": wall, "tok_s": total / wall, "output_tok_s": out_tokens / wall,
+            "requests": done}
+
+
+def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[int], rank: int,
+            device: torch.device) -> dict[str, float]:
+    """HF transformers + PEFT mixed-adapter generate on the same shape (random weights)."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = llama2_7b() if arch_name == "llama2-7b" else tiny()
+    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size,
+                      intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
+                      num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
+                      max_position_embeddings=a.max_position_embeddings)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.float16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    names = [f"a{i}" for i in sorted(set(adapter_ids))]
+    model = get_peft_model(model, PeftLora(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                           init_lora_weights=False), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, PeftLora(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                         init_lora_weights=False))
+    model = model.to(device=device, dtype=torch.float16).eval()
+    prompt_len = max(p for p, _ in requests)
+    new = max(o for _, o in requests)
+    ids = torch.randint(1, a.vocab_size, (len(requests), prompt_len), device=device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                       min_new_tokens=new, do_sample=False,
+                       adapter_names=[f"a{i}" for i in adapter_ids])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    total = len(requests) * (prompt_len + new)
+    return {"wall_s": wall, "tok_s": total / wall, "output_tok_s": len(requests) * new / wall,
+            "requests": len(requests), "note": f"padded batch: {prompt_len} prompt + {new} new"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="punica bench textgen", description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", choices=("llama2-7b", "tiny"), default="llama2-7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--maxlen", type=int, default=2048)
+    ap.add_argument("--mixes", default="distinct,uniform,skewed,identical")
+    ap.add_argument("--caps", default="32,0", help="max_num_seqs per run (0: uncapped, 512)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--max-loras", type=int, default=128)
+    ap.add_argument("--hf-requests", type=int, default=8, help="0 skips HF + PEFT")
+    ap.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV pool size on the CPU")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    arch = llama2_7b() if args.arch == "llama2-7b" else tiny()
+    model = random_model(arch, torch.float16, device)
+    requests = request_lengths(args.num_requests, args.maxlen, seed=0)
+    base = random_adapter("base", arch, args.rank)
+    rows = []
+    for cap in [int(c) for c in args.caps.split(",")]:
+        engine = LLMEngine(EngineConfig(
+            model=ModelConfig("<random weights>", device=str(device), max_model_len=args.maxlen),
+            cache=CacheConfig(kv_cache_bytes=int(args.kv_cache_gb * 2**30)),
+            lora=LoraConfig(max_loras=min(args.max_loras, args.num_requests),
+                            max_lora_rank=args.rank),
+            scheduler=SchedulerConfig(max_num_seqs=cap or 512, max_num_batched_tokens=8192)),
+            model=model)
+        names = {i: f"a{i}" for i in range(args.num_requests)}
+        for mix in args.mixes.split(",") + ["no-lora"]:
+            ids = adapter_of_requests("identical" if mix == "no-lora" else mix, len(requests))
+            for i in sorted(set(ids)):
+                if names[i] not in engine.registry:
+                    engine.add_lora_weights(random_adapter(names[i], arch, args.rank,
+                                                           shared=base))
+            adapters = [None if mix == "no-lora" else names[i] for i in ids]
+            stats = run_engine(engine, requests, adapters, arch.vocab_size, f"{mix} cap {cap}")
+            rows.append({"engine": "punica", "mix": mix, "cap": cap, **stats})
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.hf_requests:
+        sub = requests[: args.hf_requests]
+        ids = list(range(len(sub)))
+        rows.append({"engine": "hf+peft", "mix": "distinct", "cap": len(sub),
+                     **hf_peft(args.arch, sub, ids, args.rank, device)})
+    result = {**run_info("punica bench textgen " + " ".join(argv or sys.argv[1:])),
+              "arch": args.arch, "num_requests": args.num_requests, "maxlen": args.maxlen,
+              "rows": rows}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "textgen.json").write_text(json.dumps(result, indent=1))
+    for r in rows:
+        print(f"{r['engine']:>8} {r['mix']:>9} cap={r['cap']:<4} {r['tok_s']:10.1f} tok/s "
+              f"({r['output_tok_s']:.1f} output tok/s, {r['wall_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
