@@ -21,6 +21,8 @@ class ModelConfig:
     """Seed of the generator used by requests without a seed of their own."""
     attention_backend: str = "auto"
     """auto (Triton paged kernels on CUDA, torch reference on CPU), triton or torch."""
+    enforce_eager: bool = False
+    """Never use CUDA graphs (decode steps are captured per batch-size bucket otherwise)."""
 
 
 @dataclass(frozen=True)

@@ -67,3 +67,17 @@ def test_triton_lora_path_agrees_with_torch_path(family: tuple[Path, dict[str, P
             assert abs(la - b.outputs[0].logprobs[0].get(ta, la)) < 0.02
         same = sum(x == y for x, y in zip(tokens["triton"], tokens["torch"], strict=True))
         assert same >= len(reqs) - 1
+
+
+def test_decode_graphs_match_eager(family: tuple[Path, dict[str, Path]]) -> None:
+    base, adapters = family
+    reqs = requests_for(384)
+    tokens = {}
+    for eager in (True, False):
+        llm = make_llm(base, adapters, "float32", enforce_eager=eager)
+        outs = llm.generate([p for p, _, _ in reqs],
+                            [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m in reqs],
+                            lora=[a for _, a, _ in reqs], use_tqdm=False)
+        tokens[eager] = [o.token_ids for o in outs]
+        assert (llm.engine.graphs is None) == eager
+    assert tokens[True] == tokens[False]

@@ -10,6 +10,7 @@ import torch
 from punica.config import EngineConfig
 from punica.engine.batch import build_batch
 from punica.engine.block_manager import BlockManager
+from punica.engine.cuda_graph import DecodeGraphs
 from punica.engine.outputs import CompletionOutput, RequestOutput
 from punica.engine.sampler import sample
 from punica.engine.sampling_params import SamplingParams
@@ -70,6 +71,12 @@ class LLMEngine:
                                    self.slots)
         self.stops = StopChecker(self.tokenizer, a.eos_token_ids, self.max_model_len)
         self.generator = torch.Generator(device=device).manual_seed(mc.seed)
+        self.graphs = None
+        if device.type == "cuda" and not mc.enforce_eager and self.attention_backend == "triton":
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, self.rotary, self.lora_pool,
+                max_batch=min(config.scheduler.max_num_seqs, 512),
+                max_blocks=-(-self.max_model_len // cc.block_size), device=device)
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -144,9 +151,13 @@ class LLMEngine:
         batch = build_batch(out.scheduled, self.scheduler.blocks.owners(),
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
-        ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
-                          else None, self.attention_backend)
-        logits = self.model(ctx)
+        if self.graphs is not None and batch.decode_only and \
+                self.graphs.bucket(batch.num_tokens) is not None:
+            logits = self.graphs.run(batch)
+        else:
+            ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
+                              else None, self.attention_backend)
+            logits = self.model(ctx)
         self.scheduler.advance(out)
         if not batch.sampled:
             return
