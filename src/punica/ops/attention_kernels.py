@@ -64,6 +64,36 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr, DOT_FP32:
 
 
 @triton.jit
+def _attend(q, pos, k_cache_ptr, v_cache_ptr, table, begin, end, kv_head, d, mask_d, scale,
+            stride_cb, stride_ct, stride_ch, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Online softmax of q [ROWS, D] over keys begin .. end-1 (CAUSAL: key <= pos of the row).
+
+    Returns (acc, m, l): unnormalised output, running max and sum of exponentials.
+    """
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    for start in range(begin, end, BLOCK_N):
+        toks = start + tl.arange(0, BLOCK_N)
+        mask_n = toks < end
+        k = _kv_tile(k_cache_ptr, table, toks, mask_n, kv_head, d, mask_d, stride_cb, stride_ct,
+                     stride_ch, BLOCK_SIZE)
+        v = _kv_tile(v_cache_ptr, table, toks, mask_n, kv_head, d, mask_d, stride_cb, stride_ct,
+                     stride_ch, BLOCK_SIZE)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        visible = mask_n[None, :]
+        if CAUSAL:
+            visible = visible & (toks[None, :] <= pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, DOT_FP32)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_q_ptr, seq_lens_ptr, block_tables_ptr,
     num_seqs, scale,
@@ -92,23 +122,10 @@ def paged_prefill_kernel(
         q = q.to(tl.float32)
     kv_head = h // GROUP
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     last = ctx - (q_end - row_end)  # keys 0 .. last - 1 are visible to some row of the tile
-    for start in range(0, last, BLOCK_N):
-        toks = start + tl.arange(0, BLOCK_N)
-        mask_n = toks < last
-        k = _kv_tile(k_cache_ptr, table, toks, mask_n, kv_head, d, mask_d, stride_cb, stride_ct,
-                     stride_ch, BLOCK_SIZE)
-        v = _kv_tile(v_cache_ptr, table, toks, mask_n, kv_head, d, mask_d, stride_cb, stride_ct,
-                     stride_ch, BLOCK_SIZE)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        visible = (toks[None, :] <= pos[:, None]) & mask_n[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, DOT_FP32)
+    acc, m_i, l_i = _attend(q, pos, k_cache_ptr, v_cache_ptr, table, 0, last, kv_head, d,
+                            mask_d, scale, stride_cb, stride_ct, stride_ch, BLOCK_M, BLOCK_D,
+                            BLOCK_N, BLOCK_SIZE, True, PRECISION, DOT_FP32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -140,23 +157,11 @@ def paged_decode_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
-    m_i = tl.full((GROUP_P2,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((GROUP_P2,), dtype=tl.float32)
-    acc = tl.zeros((GROUP_P2, BLOCK_D), dtype=tl.float32)
     begin = split * tokens_per_split
     end = tl.minimum(ctx, begin + tokens_per_split)
-    for start in range(begin, end, BLOCK_N):
-        toks = start + tl.arange(0, BLOCK_N)
-        mask_n = toks < end
-        k = _kv_tile(k_cache_ptr, table, toks, mask_n, kv_head, d, mask_d, stride_cb, stride_ct,
-                     stride_ch, BLOCK_SIZE)
-        v = _kv_tile(v_cache_ptr, table, toks, mask_n, kv_head, d, mask_d, stride_cb, stride_ct,
-                     stride_ch, BLOCK_SIZE)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, DOT_FP32)
+    acc, m_i, l_i = _attend(q, g, k_cache_ptr, v_cache_ptr, table, begin, end, kv_head, d,
+                            mask_d, scale, stride_cb, stride_ct, stride_ch, GROUP_P2, BLOCK_D,
+                            BLOCK_N, BLOCK_SIZE, False, PRECISION, DOT_FP32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
