@@ -1,4 +1,4 @@
-"""The `punica` command: `punica bench decode|lora-op ...` (the server arrives with `serve`)."""
+"""The `punica` command: `punica serve ...` (OpenAI-compatible server) and `punica bench ...`."""
 
 from __future__ import annotations
 
@@ -17,10 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="punica", description="Punica: many LoRA adapters of one "
                                  "base model, served from shared GPUs.")
     sub = ap.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    from punica.server.serve import add_serve_args
+
+    add_serve_args(serve)
     bench = sub.add_parser("bench", help="run a benchmark (writes JSON to benchmarks/results)")
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="its own flags (see NAME --help)")
     ns = ap.parse_args(argv)
+    if ns.command == "serve":
+        from punica.server.serve import serve as run_server
+
+        return run_server(ns)
     if ns.command == "bench":
         import importlib
 

@@ -62,8 +62,9 @@ class LLM:
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while len(done) < len(ids):
                 for out in self.engine.step():
-                    done[out.request_id] = out
-                    bar.update()
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update()
         return [done[rid] for rid in ids]
 
     def _encode(self, prompt: Prompt) -> list[int]:

@@ -41,9 +41,10 @@ def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: lis
     with tqdm(total=len(requests), desc=label, unit="req") as bar:
         while engine.has_unfinished():
             for out in engine.step():
-                done += 1
-                out_tokens += len(out.token_ids)
-                bar.update()
+                if out.finished:
+                    done += 1
+                    out_tokens += len(out.token_ids)
+                    bar.update()
     wall = time.perf_counter() - start
     total = sum(p for p, _ in requests) + out_tokens
     return {"wall_s": wall, "tok_s": total / wall, "output_tok_s": out_tokens / wall,

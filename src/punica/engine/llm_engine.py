@@ -77,6 +77,7 @@ class LLMEngine:
                 self.model, self.kv_cache, self.rotary, self.lora_pool,
                 max_batch=min(config.scheduler.max_num_seqs, 512),
                 max_blocks=-(-self.max_model_len // cc.block_size), device=device)
+        self.stats = {"adapter_loads": 0, "adapter_evictions": 0}
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -109,9 +110,7 @@ class LLMEngine:
     # Requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     adapter: str | None = None) -> None:
-        self.stops.validate_prompt(prompt_ids, self.arch.vocab_size)
-        if adapter is not None and adapter not in self.registry:
-            raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
+        self.validate(prompt_ids, adapter)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seqs = []
@@ -135,19 +134,39 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    def unfinished_ids(self) -> list[str]:
+        return list(self._requests)
+
+    def validate(self, prompt_ids: list[int], adapter: str | None) -> None:
+        """The checks add_request makes, without adding (for callers on another thread)."""
+        self.stops.validate_prompt(prompt_ids, self.arch.vocab_size)
+        if adapter is not None and adapter not in self.registry:
+            raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
+
     # The step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; return the requests that finished in it."""
+        """Run one step; return every request that got a token or finished in it (`finished`
+        tells which; finished requests are forgotten by the engine)."""
         out = self.scheduler.schedule()
+        touched: set[str] = set()
         if not out.scheduled:
             self._unstick()
         else:
-            self._run(out)
-        return self._collect_finished()
+            touched = self._run(out)
+        finished = self._collect_finished()
+        done = {o.request_id for o in finished}
+        updates = [self.output_of(rid, self._requests[rid]) for rid in sorted(touched - done)
+                   if rid in self._requests]
+        return finished + updates
 
-    def _run(self, out: SchedulerOutput) -> None:
+    def _run(self, out: SchedulerOutput) -> set[str]:
         for slot, name in out.loads:
             self.lora_pool.load(slot, self.registry.get(name))
+        self.stats["adapter_loads"] += len(out.loads)
+        self.stats["adapter_evictions"] += len(out.evicted)
         batch = build_batch(out.scheduled, self.scheduler.blocks.owners(),
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
@@ -160,7 +179,7 @@ class LLMEngine:
             logits = self.model(ctx)
         self.scheduler.advance(out)
         if not batch.sampled:
-            return
+            return set()
         seqs = [s.seq for s in batch.sampled]
         result = sample(logits, [s.params for s in seqs], [s.prompt_ids for s in seqs],
                         [s.output_ids for s in seqs],
@@ -169,6 +188,7 @@ class LLMEngine:
             reason = self.stops.append(seq, token, lp)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+        return {seq.request_id for seq in seqs}
 
     def _unstick(self) -> None:
         """Nothing could be scheduled: fail the head request rather than hang."""

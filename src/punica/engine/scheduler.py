@@ -55,6 +55,8 @@ class SchedulerOutput:
     loads: list[tuple[int, str]] = field(default_factory=list)
     """(slot, adapter): weights to copy into the pool before this step runs."""
     preempted: list[Sequence] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+    """Adapters pushed out of the pool to make room for this step's loads."""
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +116,8 @@ class Scheduler:
                 seq.slot = acquired.slot
                 if acquired.needs_load:
                     out.loads.append((acquired.slot, seq.adapter))
+                if acquired.evicted is not None:
+                    out.evicted.append(acquired.evicted)
             self.waiting.popleft()
             self.blocks.allocate(seq.seq_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (FastAPI): `model` names the base model or an adapter."""

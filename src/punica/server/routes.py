@@ -1,0 +1,152 @@
+"""The completion and chat handlers: validate, submit one engine request per prompt, and answer
+with one body or a server-sent-event stream (a closed stream aborts its requests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from punica.engine.async_engine import OverloadedError
+from punica.engine.outputs import RequestOutput
+from punica.engine.sampling_params import SamplingParams
+from punica.errors import InvalidRequestError
+from punica.server import formatting as fmt
+from punica.server.protocol import ChatCompletionRequest, CompletionRequest
+from punica.server.state import Server, gather_outputs, prompt_list, sse
+
+
+def _open(srv: Server, prompts: list[list[int]], params: SamplingParams, adapter: str | None,
+          max_tokens: int) -> list[AsyncIterator[RequestOutput]]:
+    """Check and submit every prompt before any response starts (its status is still ours to
+    set); a failure closes the ones already opened."""
+    if srv.engine.in_flight + len(prompts) > srv.engine.max_in_flight:
+        raise OverloadedError(f"server overloaded: {srv.engine.in_flight} requests in flight")
+    for p in prompts:
+        srv.check_length(p, max_tokens)
+    rids: list[str] = []
+    try:
+        for p in prompts:
+            rids.append(srv.engine.open(p, params, adapter))
+    except Exception:
+        for rid in rids:
+            srv.engine.cancel(rid)
+        raise
+    return [srv.engine.stream(rid) for rid in rids]
+
+
+async def _merged(gens: list[AsyncIterator[RequestOutput]]
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, update) from several request streams as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in gen:
+                await queue.put((i, out))
+        except Exception as err:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((i, err))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    open_streams = len(tasks)
+    try:
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def run_completion(srv: Server, body: CompletionRequest) -> object:
+    adapter = srv.adapter_of(body.model)
+    prompts = [srv.encode(p) for p in prompt_list(body.prompt)]
+    max_tokens = body.max_tokens or 16
+    params = body.sampling_params(max_tokens, body.logprobs)
+    gens = _open(srv, prompts, params, adapter, max_tokens)
+    rid = srv.next_id("cmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(srv, "text_completion", rid, body.model, gens, params,
+                                         sum(map(len, prompts)), include_usage, chat=False),
+                                 media_type="text/event-stream")
+    outs = await gather_outputs(gens)
+    choices = [{"index": i * params.n + c.index, "text": c.text,
+                "logprobs": fmt.completion_logprobs(srv.tokenizer, c),
+                "finish_reason": c.finish_reason}
+               for i, out in enumerate(outs) for c in out.outputs]
+    completion = sum(len(c.token_ids) for out in outs for c in out.outputs)
+    return fmt.envelope("text_completion", rid, body.model, choices,
+                        fmt.usage(sum(map(len, prompts)), completion))
+
+
+def chat_prompt(srv: Server, body: ChatCompletionRequest) -> list[int]:
+    tok = srv.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise InvalidRequestError("this model has no chat template; use /v1/completions")
+    messages = [m.model_dump() for m in body.messages]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+async def run_chat(srv: Server, body: ChatCompletionRequest) -> object:
+    adapter = srv.adapter_of(body.model)
+    prompt = chat_prompt(srv, body)
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(
+        1, srv.max_model_len - len(prompt))
+    top = body.top_logprobs or 0
+    params = body.sampling_params(max_tokens, top if body.logprobs else None)
+    gens = _open(srv, [prompt], params, adapter, max_tokens)
+    rid = srv.next_id("chatcmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(srv, "chat.completion.chunk", rid, body.model, gens,
+                                         params, len(prompt), include_usage, chat=True),
+                                 media_type="text/event-stream")
+    (out,) = await gather_outputs(gens)
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": fmt.chat_logprobs(srv.tokenizer, c, top),
+                "finish_reason": c.finish_reason} for c in out.outputs]
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return fmt.envelope("chat.completion", rid, body.model, choices,
+                        fmt.usage(len(prompt), completion))
+
+
+async def _stream(srv: Server, kind: str, rid: str, model: str,
+                  gens: list[AsyncIterator[RequestOutput]], params: SamplingParams,
+                  prompt_tokens: int, include_usage: bool, chat: bool) -> AsyncIterator[str]:
+    sent: dict[int, int] = {}
+    tokens: dict[int, int] = {}
+    if chat:
+        yield sse(fmt.envelope(kind, rid, model, [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            for i in range(params.n)]))
+    try:
+        async for i, out in _merged(gens):
+            choices = []
+            for c in out.outputs:
+                index = i * params.n + c.index
+                delta = c.text[sent.get(index, 0):]
+                sent[index] = len(c.text)
+                tokens[index] = len(c.token_ids)
+                if not delta and c.finish_reason is None:
+                    continue
+                choice = {"index": index, "finish_reason": c.finish_reason}
+                choice.update({"delta": {"content": delta}} if chat else {"text": delta})
+                choices.append(choice)
+            if choices:
+                yield sse(fmt.envelope(kind, rid, model, choices))
+    except Exception as err:  # noqa: BLE001 - the status is sent already: report in-band
+        yield sse(fmt.error_body(str(err), getattr(err, "status", 500)))
+    if include_usage:
+        yield sse(fmt.envelope(kind, rid, model, [], fmt.usage(prompt_tokens,
+                                                               sum(tokens.values()))))
+    yield sse("[DONE]")

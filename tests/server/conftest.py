@@ -1,0 +1,77 @@
+"""A real `punica serve` process on a free port over a tiny checkpoint with a chat template."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.checkpoints import ADAPTERS, save_adapter, save_model
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+API_KEY = "test-key"
+
+
+@dataclass
+class Running:
+    url: str
+    model_dir: Path
+    adapters: dict[str, Path]
+    lora_root: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    root = tmp_path_factory.mktemp("server")
+    base = save_model(root / "tiny-llama", "llama")
+    cfg = base / "tokenizer_config.json"
+    import json
+
+    tok_cfg = json.loads(cfg.read_text())
+    tok_cfg["chat_template"] = CHAT_TEMPLATE
+    cfg.write_text(json.dumps(tok_cfg))
+    lora_root = root / "loras"
+    adapters = {n: save_adapter(base, lora_root / n, i + 1, **ADAPTERS[n])
+                for i, n in enumerate(("qv8", "all4rs"))}
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "punica.cli", "serve", "--model", str(base), "--device", "cpu",
+         "--dtype", "float32", "--max-model-len", "64", "--port", str(port), "--api-key",
+         API_KEY, "--lora-modules", f"qv8={adapters['qv8']}", "--lora-root", str(lora_root),
+         "--max-loras", "2", "--max-lora-rank", "16", "--max-in-flight", "256"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not come up in 120 s")
+    yield Running(url, base, adapters, lora_root)
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,0 +1,106 @@
+"""The server through the official openai client, and raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from punica import LLM, SamplingParams
+from tests.server.conftest import API_KEY, Running
+
+
+@pytest.fixture(scope="module")
+def client(server: Running) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_models_lists_base_and_adapters(client: openai.OpenAI) -> None:
+    ids = {m.id: m for m in client.models.list().data}
+    assert set(ids) == {"tiny-llama", "qv8"}
+
+
+def test_completions_equal_the_offline_api(server: Running, client: openai.OpenAI) -> None:
+    llm = LLM(str(server.model_dir), dtype="float32", device="cpu", max_model_len=64)
+    llm.load_lora("qv8", str(server.adapters["qv8"]))
+    prompt = "The quick brown fox"
+    for model, lora in (("tiny-llama", None), ("qv8", "qv8")):
+        want = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0), lora=lora,
+                            use_tqdm=False)[0]
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=8,
+                                        temperature=0.0)
+        assert got.choices[0].text == want.text
+        assert got.choices[0].finish_reason == want.finish_reason
+        assert got.usage.completion_tokens == len(want.token_ids)
+
+
+def test_streaming_with_usage_and_n(client: openai.OpenAI) -> None:
+    full = client.completions.create(model="qv8", prompt="café 東京", max_tokens=6,
+                                     temperature=0.0)
+    chunks = list(client.completions.create(model="qv8", prompt="café 東京", max_tokens=6,
+                                            temperature=0.0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    multi = client.completions.create(model="tiny-llama", prompt=[1, 2, 3], max_tokens=4, n=3,
+                                      seed=7, temperature=1.0)
+    assert sorted(c.index for c in multi.choices) == [0, 1, 2]
+    again = client.completions.create(model="tiny-llama", prompt=[1, 2, 3], max_tokens=4, n=3,
+                                      seed=7, temperature=1.0)
+    assert [c.text for c in again.choices] == [c.text for c in multi.choices]
+
+
+def test_chat_plain_and_streamed(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "hello there"}]
+    full = client.chat.completions.create(model="qv8", messages=messages, max_tokens=5,
+                                          temperature=0.0, logprobs=True, top_logprobs=2)
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and full.usage.completion_tokens == 5
+    assert len(choice.logprobs.content) == 5
+    stream = client.chat.completions.create(model="qv8", messages=messages, max_tokens=5,
+                                            temperature=0.0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == choice.message.content
+
+
+def test_load_use_unload_adapter(server: Running, client: openai.OpenAI) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{server.url}/v1/load_lora_adapter", headers=headers,
+                   json={"lora_name": "rs", "lora_path": "all4rs"})
+    assert r.status_code == 200, r.text
+    out = client.completions.create(model="rs", prompt=[5, 6], max_tokens=3, temperature=0.0)
+    assert out.usage.completion_tokens == 3
+    r = httpx.post(f"{server.url}/v1/unload_lora_adapter", headers=headers,
+                   json={"lora_name": "rs"})
+    assert r.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="rs", prompt=[5, 6], max_tokens=3)
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "tiny-llama", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny-llama", "prompt": [1] * 60, "max_tokens": 10}, 400,
+     "maximum context length is 64 tokens"),
+    ({"model": "tiny-llama"}, 400, "prompt"),
+    ({"model": "tiny-llama", "prompt": []}, 400, "non-empty"),
+])
+def test_bad_requests(server: Running, body: dict, status: int, needle: str) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", json=body,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+
+
+def test_auth_json_and_paths(server: Running) -> None:
+    assert httpx.post(f"{server.url}/v1/completions", json={}).status_code == 401
+    bad = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {API_KEY}",
+                              "Content-Type": "application/json"})
+    assert bad.status_code == 400
+    escape = httpx.post(f"{server.url}/v1/load_lora_adapter",
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"lora_name": "x", "lora_path": "../../etc"})
+    assert escape.status_code == 400 and "below the lora root" in escape.text
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/version").json()["version"]
