@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean
+.PHONY: test serve lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): $(PY) pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The OpenAI-compatible server on the built-in demo model (built on first use).
+serve: $(STAMP)
+	$(VENV)/bin/punica serve $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -9,7 +9,8 @@ from punica.engine.scheduler import SchedulerConfig
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    ap.add_argument("--model", help="Hugging Face model directory (default: the built-in demo, "
+                    "built into ~/.cache/punica or $PUNICA_CACHE on first use)")
     ap.add_argument("--served-model-name", help="name of the base model in the API (default: "
                     "the directory's name)")
     ap.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR",
@@ -57,6 +58,14 @@ def serve(ns: argparse.Namespace) -> int:
     from punica.server.metrics import Metrics
     from punica.server.state import ServerSettings
 
+    if ns.model is None:
+        from punica.demo import ensure_demo
+
+        base, demo_adapters = ensure_demo()
+        ns.model = str(base)
+        ns.served_model_name = ns.served_model_name or "punica-demo"
+        ns.lora_modules = [f"{n}={p}" for n, p in demo_adapters.items()] + ns.lora_modules
+        ns.lora_root = ns.lora_root or str(base.parent / "adapters")
     engine = LLMEngine(engine_config(ns))
     for spec in ns.lora_modules:
         name, sep, path = spec.partition("=")
@@ -65,6 +74,8 @@ def serve(ns: argparse.Namespace) -> int:
         engine.load_lora(name, path)
     settings = ServerSettings(ns.served_model_name or Path(ns.model).name, ns.api_key,
                               ns.lora_root)
+    print(f"punica: serving {settings.served_model_name} with adapters "
+          f"{engine.list_loras()} on http://{ns.host}:{ns.port}", flush=True)
     metrics = Metrics(engine)
     async_engine = AsyncEngine(engine, ns.max_in_flight, observer=metrics.observe)
     try:
