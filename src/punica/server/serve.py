@@ -9,8 +9,7 @@ from punica.engine.scheduler import SchedulerConfig
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", help="Hugging Face model directory (default: the built-in demo, "
-                    "built into ~/.cache/punica or $PUNICA_CACHE on first use)")
+    ap.add_argument("--model", help="Hugging Face model directory (default: the built-in demo)")
     ap.add_argument("--served-model-name", help="name of the base model in the API (default: "
                     "the directory's name)")
     ap.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR",
@@ -59,11 +58,11 @@ def serve(ns: argparse.Namespace) -> int:
     from punica.server.state import ServerSettings
 
     if ns.model is None:
-        from punica.demo import ensure_demo
+        from punica.demo import SERVED_NAME, ensure_demo
 
         base, demo_adapters = ensure_demo()
         ns.model = str(base)
-        ns.served_model_name = ns.served_model_name or "punica-demo"
+        ns.served_model_name = ns.served_model_name or SERVED_NAME
         ns.lora_modules = [f"{n}={p}" for n, p in demo_adapters.items()] + ns.lora_modules
         ns.lora_root = ns.lora_root or str(base.parent / "adapters")
     engine = LLMEngine(engine_config(ns))
