@@ -9,6 +9,7 @@ BENCHES = {
     "decode": "punica.bench.decode",
     "lora-op": "punica.bench.lora_op",
     "textgen": "punica.bench.textgen",
+    "serve": "punica.bench.serve",
 }
 
 

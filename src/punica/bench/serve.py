@@ -1,0 +1,118 @@
+"""Online benchmark of a running server: Poisson arrivals, the Punica workload, an adapter mix.
+
+    punica bench serve --url http://127.0.0.1:8000 [--rate 10] [--num-requests 200]
+                       [--mix distinct] [--maxlen 2048] [--api-key KEY]
+
+Requests use token-id prompts (lengths from the Punica workload) and stream; TTFT, TPOT and
+end-to-end latency percentiles and throughput go to serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from punica.bench.timing import run_info
+from punica.bench.workloads import adapter_of_requests, request_lengths
+
+
+async def one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+              headers: dict[str, str]) -> dict[str, float]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            return {"error": float(r.status_code)}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk.get("choices"):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    ttft = (first or end) - start
+    return {"ttft": ttft, "e2e": end - start, "tokens": tokens, "prompt": len(prompt),
+            "tpot": (end - (first or end)) / max(tokens - 1, 1)}
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else \
+        [values[0]] * 99
+    return {"p50": q[49], "p90": q[89], "p99": q[98], "mean": statistics.fmean(values)}
+
+
+async def run(args: argparse.Namespace) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=args.url, timeout=600,
+                                 limits=httpx.Limits(max_connections=1024)) as client:
+        models = (await client.get("/v1/models", headers=headers)).json()["data"]
+        adapters = [m["id"] for m in models if m.get("parent")] or [models[0]["id"]]
+        lengths = request_lengths(args.num_requests, args.maxlen, seed=args.seed)
+        ids = adapter_of_requests(args.mix, args.num_requests)
+        rng = random.Random(args.seed)
+        order = list(range(args.num_requests))
+        rng.shuffle(order)
+        tasks = []
+        bar = tqdm(total=args.num_requests, desc=f"bench serve {args.mix}", unit="req")
+        start = time.perf_counter()
+        for i in order:
+            prompt = [rng.randrange(1, args.vocab) for _ in range(lengths[i][0])]
+            model = adapters[ids[i] % len(adapters)]
+            task = asyncio.create_task(one(client, model, prompt, lengths[i][1], headers))
+            task.add_done_callback(lambda _: bar.update())
+            tasks.append(task)
+            if args.rate > 0:
+                await asyncio.sleep(rng.expovariate(args.rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+        bar.close()
+    ok = [r for r in results if "error" not in r]
+    out_tokens = sum(r["tokens"] for r in ok)
+    return {"mix": args.mix, "rate": args.rate, "requests": len(results), "ok": len(ok),
+            "adapters_used": len({ids[i] % len(adapters) for i in range(len(ids))}),
+            "wall_s": wall, "tok_s": (out_tokens + sum(r["prompt"] for r in ok)) / wall,
+            "output_tok_s": out_tokens / wall,
+            "ttft_s": percentiles([r["ttft"] for r in ok]),
+            "tpot_s": percentiles([r["tpot"] for r in ok if r["tokens"] > 1]),
+            "e2e_s": percentiles([r["e2e"] for r in ok])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="punica bench serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--api-key")
+    ap.add_argument("--rate", type=float, default=10.0, help="requests/s (0: all at once)")
+    ap.add_argument("--num-requests", type=int, default=200)
+    ap.add_argument("--mix", default="distinct",
+                    choices=("distinct", "uniform", "skewed", "identical"))
+    ap.add_argument("--maxlen", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    summary = asyncio.run(run(args))
+    result = {**run_info("punica bench serve " + " ".join(argv or sys.argv[1:])), **summary}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["ok"] == summary["requests"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

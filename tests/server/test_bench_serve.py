@@ -1,0 +1,20 @@
+"""`punica bench serve` against the test server: every request succeeds and is measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from punica.cli import main
+from tests.server.conftest import API_KEY, Running
+
+
+def test_bench_serve_smoke(server: Running, tmp_path: Path) -> None:
+    rc = main(["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--rate", "50",
+               "--num-requests", "12", "--mix", "uniform", "--maxlen", "40", "--vocab", "300",
+               "--out-dir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert result["ok"] == result["requests"] == 12
+    assert result["ttft_s"]["p50"] > 0 and result["e2e_s"]["p99"] >= result["e2e_s"]["p50"]
+    assert result["output_tok_s"] > 0 and result["command"].startswith("punica bench serve")
