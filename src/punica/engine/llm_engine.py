@@ -75,7 +75,7 @@ class LLMEngine:
         if device.type == "cuda" and not mc.enforce_eager and self.attention_backend == "triton":
             self.graphs = DecodeGraphs(
                 self.model, self.kv_cache, self.rotary, self.lora_pool,
-                max_batch=min(config.scheduler.max_num_seqs, 512),
+                max_batch=min(config.scheduler.max_num_seqs, max_tokens, 512),
                 max_blocks=-(-self.max_model_len // cc.block_size), device=device)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0}
         self._seq_ids = itertools.count()
