@@ -104,3 +104,55 @@ def test_auth_json_and_paths(server: Running) -> None:
     assert escape.status_code == 400 and "below the lora root" in escape.text
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]
+
+
+def test_concurrent_mixed_adapters_equal_offline(server: Running) -> None:
+    import asyncio
+
+    llm = LLM(str(server.model_dir), dtype="float32", device="cpu", max_model_len=64)
+    llm.load_lora("qv8", str(server.adapters["qv8"]))
+    cases = [([3 + i, 7, 11 + i], "qv8" if i % 2 else None) for i in range(8)]
+    want = [o.text for o in llm.generate([p for p, _ in cases],
+                                         SamplingParams(max_tokens=6, temperature=0.0),
+                                         lora=[a for _, a in cases], use_tqdm=False)]
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            async def ask(prompt: list[int], adapter: str | None) -> str:
+                r = await client.post("/v1/completions", headers={
+                    "Authorization": f"Bearer {API_KEY}"}, json={
+                    "model": adapter or "tiny-llama", "prompt": prompt, "max_tokens": 6,
+                    "temperature": 0.0})
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(ask(p, a) for p, a in cases))
+
+    assert asyncio.run(main()) == want
+
+
+def test_unload_in_use_fails_cleanly_and_the_request_completes(server: Running,
+                                                              client: openai.OpenAI) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    stream = client.completions.create(model="qv8", prompt=[1, 2, 3], max_tokens=30,
+                                       temperature=0.0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    assert first.choices
+    r = httpx.post(f"{server.url}/v1/unload_lora_adapter", headers=headers,
+                   json={"lora_name": "qv8"})
+    assert r.status_code == 409 and "is used by 1 request" in r.json()["error"]["message"]
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings(client: openai.OpenAI) -> None:
+    full = client.completions.create(model="tiny-llama", prompt="The quick brown", max_tokens=12,
+                                     temperature=0.0, extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    stop = text[3:5] if len(text) >= 5 and text[3:5].strip() else None
+    if stop is None:
+        pytest.skip("no usable stop string in this greedy text")
+    cut = client.completions.create(model="tiny-llama", prompt="The quick brown", max_tokens=12,
+                                    temperature=0.0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.find(stop)]

@@ -9,7 +9,11 @@ from punica.engine.scheduler import SchedulerConfig
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", help="Hugging Face model directory (default: the built-in demo)")
+    ap.add_argument("--model", help="Hugging Face model directory (default: the built-in demo); "
+                    "random:llama2-7b or random:tiny serve random weights (benchmarks)")
+    ap.add_argument("--random-adapters", type=int, default=0,
+                    help="with --model random:...: register this many random rank-16 adapters "
+                    "lora0, lora1, ...")
     ap.add_argument("--served-model-name", help="name of the base model in the API (default: "
                     "the directory's name)")
     ap.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR",
@@ -65,7 +69,8 @@ def serve(ns: argparse.Namespace) -> int:
         ns.served_model_name = ns.served_model_name or SERVED_NAME
         ns.lora_modules = [f"{n}={p}" for n, p in demo_adapters.items()] + ns.lora_modules
         ns.lora_root = ns.lora_root or str(base.parent / "adapters")
-    engine = LLMEngine(engine_config(ns))
+    engine = _random_engine(ns) if ns.model.startswith("random:") else \
+        LLMEngine(engine_config(ns))
     for spec in ns.lora_modules:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -83,3 +88,24 @@ def serve(ns: argparse.Namespace) -> int:
     finally:
         async_engine.shutdown()
     return 0
+
+
+def _random_engine(ns: argparse.Namespace) -> object:
+    """An engine over random weights at a named shape, with random adapters (for benchmarks)."""
+    import torch
+
+    from punica.engine.llm_engine import LLMEngine
+    from punica.models.random import llama2_7b, random_adapter, random_model, tiny
+
+    shapes = {"random:llama2-7b": llama2_7b, "random:tiny": tiny}
+    if ns.model not in shapes:
+        raise SystemExit(f"--model: expected a directory or one of {sorted(shapes)}")
+    arch = shapes[ns.model]()
+    device = torch.device(ns.device if ns.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = engine_config(ns)
+    engine = LLMEngine(cfg, model=random_model(arch, torch.float16, device))
+    first = random_adapter("lora0", arch, min(16, ns.max_lora_rank))
+    for i in range(ns.random_adapters):
+        engine.add_lora_weights(random_adapter(f"lora{i}", arch, 16, shared=first))
+    return engine
