@@ -1,0 +1,2 @@
+"""The cluster: Punica's consolidating placement and migration policy (pure), its deployment and
+a simulator."""
