@@ -15,6 +15,10 @@ BENCHES = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:  # all its flags are its own (argparse's REMAINDER needs a
+        from punica.cluster.report import main as simulate  # positional before it)
+
+        return simulate(argv[1:])
     ap = argparse.ArgumentParser(prog="punica", description="Punica: many LoRA adapters of one "
                                  "base model, served from shared GPUs.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -22,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from punica.server.serve import add_serve_args
 
     add_serve_args(serve)
+    sim = sub.add_parser("simulate", help="replay a trace over simulated GPUs per policy")
+    sim.add_argument("args", nargs=argparse.REMAINDER, help="its flags (simulate --help)")
     bench = sub.add_parser("bench", help="run a benchmark (writes JSON to benchmarks/results)")
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="its own flags (see NAME --help)")
