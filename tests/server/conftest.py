@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -35,6 +36,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def punica_serve(*args: str, wait_s: float = 120.0) -> Iterator[str]:
+    """Run `punica serve ARGS --port P` (torch reference ops, no interpreter) until /health
+    answers; yield its URL; stop it afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "punica.cli", "serve", *args, "--port",
+                             str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + wait_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not come up in {wait_s} s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("server")
@@ -48,30 +81,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     lora_root = root / "loras"
     adapters = {n: save_adapter(base, lora_root / n, i + 1, **ADAPTERS[n])
                 for i, n in enumerate(("qv8", "all4rs"))}
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "punica.cli", "serve", "--model", str(base), "--device", "cpu",
-         "--dtype", "float32", "--max-model-len", "64", "--port", str(port), "--api-key",
-         API_KEY, "--lora-modules", f"qv8={adapters['qv8']}", "--lora-root", str(lora_root),
-         "--max-loras", "2", "--max-lora-rank", "16", "--max-in-flight", "256"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not come up in 120 s")
-    yield Running(url, base, adapters, lora_root)
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with punica_serve("--model", str(base), "--device", "cpu", "--dtype", "float32",
+                      "--max-model-len", "64", "--api-key", API_KEY, "--lora-modules",
+                      f"qv8={adapters['qv8']}", "--lora-root", str(lora_root), "--max-loras",
+                      "2", "--max-lora-rank", "16", "--max-in-flight", "256") as url:
+        yield Running(url, base, adapters, lora_root)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from punica.cli import main
-from tests.server.conftest import API_KEY, Running
+from tests.server.conftest import API_KEY, Running, punica_serve
 
 
 def test_bench_serve_smoke(server: Running, tmp_path: Path) -> None:
@@ -21,36 +21,10 @@ def test_bench_serve_smoke(server: Running, tmp_path: Path) -> None:
 
 
 def test_random_weights_server_with_random_adapters(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    from tests.server.conftest import free_port
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, "-m", "punica.cli", "serve", "--model",
-                             "random:tiny", "--random-adapters", "3", "--port", str(port),
-                             "--device", "cpu", "--max-model-len", "64"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode()[-2000:])
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    with punica_serve("--model", "random:tiny", "--random-adapters", "3", "--device", "cpu",
+                      "--max-model-len", "64") as url:
         rc = main(["bench", "serve", "--url", url, "--rate", "0", "--num-requests", "9",
                    "--mix", "distinct", "--maxlen", "40", "--vocab", "200", "--out-dir",
                    str(tmp_path)])
-        result = json.loads((tmp_path / "serve.json").read_text())
-        assert rc == 0 and result["ok"] == 9 and result["adapters_used"] == 3
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert rc == 0 and result["ok"] == 9 and result["adapters_used"] == 3

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
 import httpx
 
-from tests.server.conftest import free_port
+from tests.server.conftest import punica_serve
 
 EXPECTED = {  # greedy answers of the shipped demo on CPU, fp32
     "zebra moon dog fish": {"punica-demo": "zebra moon dog fish",
@@ -21,21 +16,7 @@ EXPECTED = {  # greedy answers of the shipped demo on CPU, fp32
 
 
 def test_serve_without_model_serves_the_demo() -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, "-m", "punica.cli", "serve", "--port", str(port),
-                             "--device", "cpu", "--dtype", "float32"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(400):
-            if proc.poll() is not None:
-                raise AssertionError(proc.stdout.read().decode()[-2000:])
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    with punica_serve("--device", "cpu", "--dtype", "float32") as url:
         models = {m["id"]: m["parent"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
         assert models == {"punica-demo": None, "upper": "punica-demo",
                           "reverse": "punica-demo", "sort": "punica-demo"}
@@ -46,6 +27,3 @@ def test_serve_without_model_serves_the_demo() -> None:
                     "messages": [{"role": "user", "content": words}]})
                 assert r.status_code == 200, r.text
                 assert r.json()["choices"][0]["message"]["content"] == want, (model, words)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
