@@ -22,9 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from punica.engine.block_manager import cdiv
 
 
 @dataclass(frozen=True)

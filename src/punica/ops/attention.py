@@ -16,7 +16,6 @@ query heads h // (H / H_kv)); cu_seqlens_q int32 [B + 1]; seq_lens int32 [B]; bl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from punica.ops.attention_kernels import (
     paged_decode_kernel,
     paged_prefill_kernel,
 )
-from punica.ops.lora_checks import ACT_DTYPES, check_vector, expect
+from punica.ops.checks import ACT_DTYPES, check_vector, expect, interpreting
 from punica.ops.tiles import block_s, grid_rows
 
 
@@ -48,10 +47,6 @@ class DecodeWorkspace:
     @property
     def num_splits(self) -> int:
         return int(self.part_lse.shape[2])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor) -> None:
@@ -89,7 +84,7 @@ def _common(q: torch.Tensor, k_cache: torch.Tensor) -> dict[str, object]:
     fp32 = q.dtype == torch.float32
     return dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
                 BLOCK_SIZE=k_cache.shape[1], PRECISION="ieee" if fp32 else "tf32",
-                DOT_FP32=fp32 or (_interpreting() and q.dtype == torch.bfloat16))
+                DOT_FP32=fp32 or (interpreting() and q.dtype == torch.bfloat16))
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -10,7 +10,7 @@ with r = ranks[w], pools [num_slots, max_rank (R), features] indexed by int32 sl
 split-K partials (see `lora_kernels.py`). Loading an adapter into slot w is one copy per pool:
 ``A_pool[w, :r] = lora_A.weight`` and ``B_pool[w, :r] = lora_B.weight.T``.
 
-No call allocates or syncs with the host (value checks aside: `lora_checks.py`), so every call is
+No call allocates or syncs with the host (value checks aside: `checks.py`), so every call is
 capturable in a CUDA graph. On CPU tensors `add_lora` runs the torch reference; the Triton wrappers
 also run on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests the kernels).
 """
@@ -24,7 +24,7 @@ import os
 import torch
 import triton
 
-from punica.ops import lora_checks as chk
+from punica.ops import checks as chk
 from punica.ops.lora_config import (
     ExpandConfig,
     ShrinkConfig,
@@ -54,7 +54,7 @@ def _pdl_supported(device_index: int) -> bool:
 
 
 def _use_pdl(flag: bool | None, device: torch.device) -> bool:
-    if _interpreting() or device.type != "cuda" or flag is False:
+    if chk.interpreting() or device.type != "cuda" or flag is False:
         return False
     supported = _pdl_supported(device.index if device.index is not None else 0)
     if flag and not supported:
@@ -131,8 +131,8 @@ def sgmv_shrink(
         BLOCK_M=config.block_m, BLOCK_R=config.block_r,
         BLOCK_K=config.block_k, BLOCK_S=block_s(num_segments), PRECISION=_precision(x.dtype),
         # Triton's CPU interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot: upcast there.
-        DOT_IN_FP32=_interpreting() and x.dtype == torch.bfloat16, USE_PDL=pdl,
-        REDUCE=config.reduce, NUM_SPLITS=config.num_splits, FENCE=not _interpreting(),
+        DOT_IN_FP32=chk.interpreting() and x.dtype == torch.bfloat16, USE_PDL=pdl,
+        REDUCE=config.reduce, NUM_SPLITS=config.num_splits, FENCE=not chk.interpreting(),
         **_launch_opts(config, pdl),
     )
     return v
@@ -205,7 +205,7 @@ def add_lora(
     `shrink` overrides the default shrink launch (e.g. reduce=True).
     CPU: the torch reference (`workspace` unused). Returns y.
     """
-    if x.device.type == "cpu" and not _interpreting():
+    if x.device.type == "cpu" and not chk.interpreting():
         return add_lora_ref(y, x, A_pool, B_pool, indptr, slots, ranks, scales)
     num_tokens, max_rank = x.shape[0], A_pool.shape[1]
     shrink = shrink or shrink_config(num_tokens, slots.numel(), x.shape[1], max_rank)
@@ -221,7 +221,3 @@ def add_lora(
     expand = dataclasses.replace(expand, use_pdl=None)  # launched right after its shrink
     v_read = v_out if shrink.reduce else v
     return sgmv_expand(v_read, B_pool, indptr, slots, ranks, scales, y, expand, False)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,4 +1,5 @@
-"""Argument checks of the SGMV ops: shapes, dtypes, devices and strides, then (optionally) values.
+"""Argument checks of the ops (SGMV, attention): shapes, dtypes, devices and strides, then
+(optionally) the SGMV segment values.
 
 Every failure is a `ValueError` naming the argument and what was expected. Value checks read the
 segment table and the per-slot ranks, which on a GPU is a host sync: they always run for CPU
@@ -7,6 +8,8 @@ table on the host and validates it there before the single upload per step.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -89,3 +92,8 @@ def should_check_values(tensor: torch.Tensor, check_values_flag: bool | None) ->
     if check_values_flag is None:
         return tensor.device.type == "cpu"
     return check_values_flag
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU under its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
