@@ -61,7 +61,7 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while len(done) < len(ids):
-                for out in self.engine.step():
+                for out in self.engine.step(updates=False):
                     if out.finished:
                         done[out.request_id] = out
                         bar.update()

@@ -40,7 +40,7 @@ def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: lis
     start, done, out_tokens = time.perf_counter(), 0, 0
     with tqdm(total=len(requests), desc=label, unit="req") as bar:
         while engine.has_unfinished():
-            for out in engine.step():
+            for out in engine.step(updates=False):
                 if out.finished:
                     done += 1
                     out_tokens += len(out.token_ids)

@@ -6,6 +6,7 @@ so each adapter's rows are contiguous and fall out as SGMV segments.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
-def build_batch(scheduled: list[ScheduledSeq], block_tables: dict[int, list[int]],
+def build_batch(scheduled: list[ScheduledSeq], block_tables: Mapping[int, list[int]],
                 block_size: int, device: torch.device) -> Batch:
     order = sorted(scheduled, key=lambda s: s.seq.slot)  # stable: arrival order within a slot
     ids: list[int] = []

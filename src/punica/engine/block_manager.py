@@ -11,6 +11,8 @@ t % block_size.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from punica.errors import CapacityError
 
@@ -55,6 +57,11 @@ class BlockManager:
     def free(self, seq_id: int) -> None:
         for block in self._tables.pop(seq_id, []):
             heapq.heappush(self._free, block)
+
+    @property
+    def tables(self) -> Mapping[int, list[int]]:
+        """seq id -> its block table (a read-only view; no copy)."""
+        return MappingProxyType(self._tables)
 
     def owners(self) -> dict[int, list[int]]:
         """seq id -> its blocks (a copy, for checks)."""

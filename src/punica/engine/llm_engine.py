@@ -147,9 +147,11 @@ class LLMEngine:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
 
     # The step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one step; return every request that got a token or finished in it (`finished`
-        tells which; finished requests are forgotten by the engine)."""
+    def step(self, updates: bool = True) -> list[RequestOutput]:
+        """Run one step; return the requests that finished in it and, with `updates`, also those
+        that got a token (`finished` tells which; finished requests are forgotten by the engine).
+        Batch callers pass updates=False: building outputs copies every running request's
+        tokens each step."""
         out = self.scheduler.schedule()
         touched: set[str] = set()
         if not out.scheduled:
@@ -157,6 +159,8 @@ class LLMEngine:
         else:
             touched = self._run(out)
         finished = self._collect_finished()
+        if not updates:
+            return finished
         done = {o.request_id for o in finished}
         updates = [self.output_of(rid, self._requests[rid]) for rid in sorted(touched - done)
                    if rid in self._requests]
@@ -167,7 +171,7 @@ class LLMEngine:
             self.lora_pool.load(slot, self.registry.get(name))
         self.stats["adapter_loads"] += len(out.loads)
         self.stats["adapter_evictions"] += len(out.evicted)
-        batch = build_batch(out.scheduled, self.scheduler.blocks.owners(),
+        batch = build_batch(out.scheduled, self.scheduler.blocks.tables,
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
         if self.graphs is not None and batch.decode_only and \

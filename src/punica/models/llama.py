@@ -73,14 +73,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, arch.rms_norm_eps)
             self.k_norm = RMSNorm(d, arch.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         a, b, n = self.arch, ctx.batch, x.shape[0]
         q = _project(self.q_proj, x, ctx, self.layer, "q").view(n, a.num_heads, a.head_dim)
         k = _project(self.k_proj, x, ctx, self.layer, "k").view(n, a.num_kv_heads, a.head_dim)
         v = _project(self.v_proj, x, ctx, self.layer, "v").view(n, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ctx.rotary.apply(q, b.positions), ctx.rotary.apply(k, b.positions)
+        q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
         k_cache, v_cache = ctx.kv_cache[self.layer, 0], ctx.kv_cache[self.layer, 1]
         scale = a.head_dim**-0.5
         if ctx.attention_backend == "triton":
@@ -120,8 +121,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, x: torch.Tensor, ctx: StepContext,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, rope)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
@@ -150,7 +152,8 @@ class CausalLM(nn.Module):
     def forward(self, ctx: StepContext) -> torch.Tensor:
         """float32 logits [N, vocab] of the batch's sampled rows."""
         x = self.model.embed_tokens(ctx.batch.input_ids)
+        rope = ctx.rotary.at(ctx.batch.positions)
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            x = layer(x, ctx, rope)
         x = self.model.norm(x[ctx.batch.logits_rows])
         return F.linear(x, self.logits_weight()).float()

@@ -5,6 +5,7 @@ The defaults come from measurements on the H200 (`benchmarks/results/lora_op_swe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ def _block_m(num_tokens: int, num_segments: int) -> int:
     return 16 if mean_len <= 16 else 32 if mean_len <= 32 else 64
 
 
+@functools.cache
 def shrink_config(num_tokens: int, num_segments: int, in_features: int,
                   max_rank: int) -> ShrinkConfig:
     """Default shrink launch: enough split-K programs to stream A at full bandwidth."""
@@ -81,6 +83,7 @@ def shrink_config(num_tokens: int, num_segments: int, in_features: int,
     return ShrinkConfig(block_m=block_m, block_r=block_r, block_k=64, num_splits=splits)
 
 
+@functools.cache
 def expand_config(num_tokens: int, num_segments: int, out_features: int,
                   max_rank: int) -> ExpandConfig:
     """Default expand launch."""
