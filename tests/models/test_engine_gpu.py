@@ -3,9 +3,11 @@ batch served with the Triton LoRA kernels agreeing with the torch path."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
+import torch
 
 from punica import LLM, SamplingParams
 from tests.checkpoints import make_family
@@ -22,6 +24,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
 
 
 def make_llm(base: Path, adapters: dict[str, Path], dtype: str, **kw: object) -> LLM:
+    kw.setdefault("num_kv_blocks", 64)  # several engines live at once in these tests
     llm = LLM(str(base), dtype=dtype, device="cuda", max_loras=2, max_lora_rank=16,
               max_model_len=48, **kw)
     for name, path in adapters.items():
@@ -81,3 +84,18 @@ def test_decode_graphs_match_eager(family: tuple[Path, dict[str, Path]]) -> None
         tokens[eager] = [o.token_ids for o in outs]
         assert (llm.engine.graphs is None) == eager
     assert tokens[True] == tokens[False]
+
+
+def test_kv_pool_sized_from_free_memory_and_reclaimed_after_free(
+        family: tuple[Path, dict[str, Path]]) -> None:
+    base, adapters = family
+    total = torch.cuda.mem_get_info()[1]
+    for _ in range(2):  # the second engine reuses the memory the first one's cache held
+        llm = make_llm(base, adapters, "float16", num_kv_blocks=None, gpu_memory_utilization=0.5)
+        kv = llm.engine.kv_cache
+        assert 0.3 * total < kv.numel() * kv.element_size() < 0.5 * total
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 2
+        del llm, kv, out
+        gc.collect()

@@ -99,6 +99,36 @@ def test_launch_configs_agree(device: torch.device, num_splits: int, block_m: in
     assert_matches(p, *run_kernels(p, shrink, expand))
 
 
+def row_configs(num_splits: int, block_r: int, tiles_per_program: int = 1,
+                reduce: bool = False) -> tuple[lora.ShrinkConfig, lora.ExpandConfig]:
+    return (lora.ShrinkConfig(block_m=1, block_r=block_r, block_k=32, num_splits=num_splits,
+                              reduce=reduce),
+            lora.ExpandConfig(block_m=1, block_n=32, block_r=block_r,
+                              tiles_per_program=tiles_per_program))
+
+
+@pytest.mark.parametrize("bs", (1, 3, 16, 33))
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_kernels_match_reference(device: torch.device, dtype: torch.dtype, mix: str,
+                                     bs: int) -> None:
+    """The one-row-per-program kernels (block_m = 1) over the same mixes, ranks mixed."""
+    gen = torch.Generator().manual_seed(seed_of("rows", dtype, mix, bs))
+    p = problem_for_mix(gen, device, dtype, mix, bs, in_features=96, out_features=80,
+                        max_rank=64)
+    assert_matches(p, *run_kernels(p, *row_configs(3, 64, tiles_per_program=2)))
+
+
+@pytest.mark.parametrize("rank", (1, 8, 16, 32, 64, 128))
+def test_row_kernels_each_rank(device: torch.device, rank: int) -> None:
+    """Rank tiles narrower than the pool (block_r 16 over max_rank 128) and the whole rank."""
+    gen = torch.Generator().manual_seed(rank + 1000)
+    p = make_problem(gen, device, torch.float16, [1, 1, 2, 1], 64, 48, max_rank=128,
+                     slot_ranks=[rank, rank, rank])
+    shrink, expand = row_configs(2, 128)
+    assert_matches(p, *run_kernels(p, dataclasses.replace(shrink, block_r=16), expand))
+
+
 def test_uncovered_rows_and_empty_segments(device: torch.device) -> None:
     """Empty segments anywhere, and rows past indptr[-1], are left alone."""
     gen = torch.Generator().manual_seed(7)
@@ -138,15 +168,17 @@ def test_add_lora_matches_reference(device: torch.device, dtype: torch.dtype) ->
     assert rel_err(y.cpu(), y_ref) <= REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("block_m", (1, 16))
 @pytest.mark.parametrize("num_splits", (1, 3, 4))
 @pytest.mark.parametrize("mix", MIXES)
-def test_reduce_in_shrink(device: torch.device, mix: str, num_splits: int) -> None:
+def test_reduce_in_shrink(device: torch.device, mix: str, num_splits: int,
+                          block_m: int) -> None:
     """The last split to finish sums the partials into v_out; every counter is zero again."""
-    gen = torch.Generator().manual_seed(seed_of("reduce", mix, num_splits))
+    gen = torch.Generator().manual_seed(seed_of("reduce", mix, num_splits, block_m))
     p = problem_for_mix(gen, device, torch.float16, mix, 21, 96, 80, max_rank=32)
     T = p.x.shape[0]
     workspace = torch.zeros(lora.workspace_numel(T + 5, 32), device=device)
-    shrink = lora.ShrinkConfig(block_m=16, block_r=16, block_k=32, num_splits=num_splits,
+    shrink = lora.ShrinkConfig(block_m=block_m, block_r=16, block_k=32, num_splits=num_splits,
                                reduce=True)
     for _ in range(2):  # the second call relies on the counters the first one reset
         v, v_out, counters = lora.workspace_views(workspace, num_splits, T, 32)

@@ -175,6 +175,7 @@ class LLMEngine:
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
         if self.graphs is not None and batch.decode_only and \
+                (not uses_lora or self.lora_pool.capturable) and \
                 self.graphs.bucket(batch.num_tokens) is not None:
             logits = self.graphs.run(batch)
         else:

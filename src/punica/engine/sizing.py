@@ -22,11 +22,15 @@ def kv_blocks(arch: ModelArch, dtype: torch.dtype, cache: CacheConfig,
     per_block = kv_bytes_per_block(arch, dtype, cache.block_size)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
+        # Blocks the caching allocator holds but no tensor uses (e.g. an engine freed earlier in
+        # this process) are ours to take too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = int(free - (1 - cache.gpu_memory_utilization) * total)
     else:
         budget = cache.kv_cache_bytes
     blocks = budget // per_block
     if blocks < 1:
         raise CapacityError(f"no memory left for the KV cache ({budget} bytes budget, "
-                            f"{per_block} bytes per block)")
+                            f"{per_block} bytes per block): raise gpu_memory_utilization, free "
+                            "other users of the GPU, or set num_kv_blocks")
     return int(blocks)

@@ -42,6 +42,12 @@ class LoraPool:
         self.workspace = torch.zeros(lora_ops.workspace_numel(max_tokens, max_rank),
                                      dtype=torch.float32, device=device)
 
+    @property
+    def capturable(self) -> bool:
+        """Whether add_lora on this pool can be captured in a CUDA graph (the Triton kernels can;
+        the torch reference reads ranks on the host)."""
+        return self.backend != "torch" and self.A[0][PROJECTIONS[0]].is_cuda
+
     def load(self, slot: int, adapter: AdapterWeights) -> None:
         ranks = torch.zeros(self.ranks.shape[:2], dtype=torch.int32)
         scales = torch.zeros(self.scales.shape[:2], dtype=torch.float32)

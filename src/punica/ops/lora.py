@@ -35,6 +35,7 @@ from punica.ops.lora_config import (
 )
 from punica.ops.lora_kernels import sgmv_expand_kernel, sgmv_shrink_kernel
 from punica.ops.lora_ref import add_lora_ref
+from punica.ops.lora_row_kernels import sgmv_expand_rows_kernel, sgmv_shrink_rows_kernel
 from punica.ops.tiles import block_s, grid_rows
 
 __all__ = ["ExpandConfig", "ShrinkConfig", "add_lora", "expand_config", "sgmv_expand",
@@ -123,17 +124,20 @@ def sgmv_shrink(
             triton.cdiv(max_rank, config.block_r), config.num_splits)
     v_out = v_out if config.reduce else v
     counters = counters if config.reduce else indptr
+    common = (x, A_pool, v, indptr, slots, ranks, v_out, counters,
+              num_segments, num_slots, max_rank, in_features, k_per_split * config.block_k,
+              grid[1], x.stride(0), A_pool.stride(0), A_pool.stride(1), v.stride(0), v.stride(1),
+              v_out.stride(1))
+    flags = dict(BLOCK_R=config.block_r, BLOCK_K=config.block_k, BLOCK_S=block_s(num_segments),
+                 USE_PDL=pdl, REDUCE=config.reduce, NUM_SPLITS=config.num_splits,
+                 FENCE=not chk.interpreting(), **_launch_opts(config, pdl))
+    if config.block_m == 1:
+        sgmv_shrink_rows_kernel[grid](*common, **flags)
+        return v
     sgmv_shrink_kernel[grid](
-        x, A_pool, v, indptr, slots, ranks, v_out, counters,
-        num_segments, num_slots, max_rank, in_features, k_per_split * config.block_k, grid[1],
-        x.stride(0), A_pool.stride(0), A_pool.stride(1), v.stride(0), v.stride(1),
-        v_out.stride(1),
-        BLOCK_M=config.block_m, BLOCK_R=config.block_r,
-        BLOCK_K=config.block_k, BLOCK_S=block_s(num_segments), PRECISION=_precision(x.dtype),
+        *common, BLOCK_M=config.block_m, PRECISION=_precision(x.dtype),
         # Triton's CPU interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot: upcast there.
-        DOT_IN_FP32=chk.interpreting() and x.dtype == torch.bfloat16, USE_PDL=pdl,
-        REDUCE=config.reduce, NUM_SPLITS=config.num_splits, FENCE=not chk.interpreting(),
-        **_launch_opts(config, pdl),
+        DOT_IN_FP32=chk.interpreting() and x.dtype == torch.bfloat16, **flags,
     )
     return v
 
@@ -174,14 +178,16 @@ def sgmv_expand(
     pdl = _use_pdl(config.use_pdl, y.device)
     span = config.block_n * config.tiles_per_program
     grid = (grid_rows(num_tokens, num_segments, config.block_m), triton.cdiv(out_features, span))
-    sgmv_expand_kernel[grid](
-        v, B_pool, y, indptr, slots, ranks, scales,
-        num_segments, num_slots, max_rank, out_features, config.tiles_per_program,
-        v.stride(0), v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0),
-        NUM_SPLITS=v.shape[0], BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_R=config.block_r, BLOCK_S=block_s(num_segments),
-        PRECISION=_precision(y.dtype), USE_PDL=pdl, **_launch_opts(config, pdl),
-    )
+    common = (v, B_pool, y, indptr, slots, ranks, scales,
+              num_segments, num_slots, max_rank, out_features, config.tiles_per_program,
+              v.stride(0), v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0))
+    flags = dict(NUM_SPLITS=v.shape[0], BLOCK_N=config.block_n, BLOCK_R=config.block_r,
+                 BLOCK_S=block_s(num_segments), USE_PDL=pdl, **_launch_opts(config, pdl))
+    if config.block_m == 1:
+        sgmv_expand_rows_kernel[grid](*common, **flags)
+        return y
+    sgmv_expand_kernel[grid](*common, BLOCK_M=config.block_m, PRECISION=_precision(y.dtype),
+                             **flags)
     return y
 
 
@@ -197,12 +203,13 @@ def add_lora(
     workspace: torch.Tensor | None = None,
     check_values: bool | None = None,
     shrink: ShrinkConfig | None = None,
+    expand: ExpandConfig | None = None,
 ) -> torch.Tensor:
     """y[rows] += scales[w] * (x[rows] @ A_pool[w, :r].T) @ B_pool[w, :r] per segment, in place.
 
     CUDA: shrink + expand kernels; `workspace` is a zeroed float32 buffer of at least
     `workspace_numel(T, max_rank)` elements, allocated once by the caller (required on CUDA);
-    `shrink` overrides the default shrink launch (e.g. reduce=True).
+    `shrink` / `expand` override the default launches (e.g. reduce=True, the row kernels).
     CPU: the torch reference (`workspace` unused). Returns y.
     """
     if x.device.type == "cpu" and not chk.interpreting():
@@ -217,7 +224,7 @@ def add_lora(
     chk.expect(workspace.numel() >= need, "workspace.numel()", f">= {need}", workspace.numel())
     v, v_out, counters = workspace_views(workspace, shrink.num_splits, num_tokens, max_rank)
     sgmv_shrink(x, A_pool, indptr, slots, ranks, v, shrink, check_values, v_out, counters)
-    expand = expand_config(num_tokens, slots.numel(), y.shape[1], max_rank)
+    expand = expand or expand_config(num_tokens, slots.numel(), y.shape[1], max_rank)
     expand = dataclasses.replace(expand, use_pdl=None)  # launched right after its shrink
     v_read = v_out if shrink.reduce else v
     return sgmv_expand(v_read, B_pool, indptr, slots, ranks, scales, y, expand, False)

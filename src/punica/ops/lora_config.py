@@ -28,7 +28,8 @@ class ShrinkConfig:
     """Launch parameters of the shrink kernel."""
 
     block_m: int
-    """Rows per tile (>= 16: tensor-core dot)."""
+    """Rows per tile: 1 = the row kernel (one row per program, CUDA cores: decode batches);
+    a power of two >= 16 = the tile kernel (tensor-core dot)."""
     block_r: int
     """Rank columns per program; rank tiles past a slot's rank exit at once."""
     block_k: int
@@ -43,13 +44,16 @@ class ShrinkConfig:
     """Sum the split partials inside the shrink (last split to finish), so the expand reads one
     v tile; needs v_out and zeroed counters (add_lora carves both from its workspace)."""
 
+    def __post_init__(self) -> None:
+        _check_blocks(self.block_m, self.block_r)
+
 
 @dataclass(frozen=True)
 class ExpandConfig:
     """Launch parameters of the expand kernel."""
 
     block_m: int
-    """Rows per tile (>= 16)."""
+    """Rows per tile: 1 = the row kernel, a power of two >= 16 = the tile kernel."""
     block_n: int
     """Output features per program."""
     block_r: int = 16
@@ -61,6 +65,16 @@ class ExpandConfig:
     use_pdl: bool | None = False
     """Overlap launch and tile lookup with the previous kernel: valid only right after
     sgmv_shrink (add_lora turns it on there). None = on where supported."""
+
+    def __post_init__(self) -> None:
+        _check_blocks(self.block_m, self.block_r)
+
+
+def _check_blocks(block_m: int, block_r: int) -> None:
+    if block_m != 1 and (block_m < 16 or block_m & (block_m - 1)):
+        raise ValueError(f"block_m: expected 1 or a power of two >= 16, got {block_m}")
+    if block_r < 16 or block_r & (block_r - 1):
+        raise ValueError(f"block_r: expected a power of two >= 16, got {block_r}")
 
 
 def _block_m(num_tokens: int, num_segments: int) -> int:
