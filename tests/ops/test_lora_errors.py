@@ -112,6 +112,8 @@ def test_add_lora_requires_workspace_off_cpu_path() -> None:
 
 def test_expand_rank_block_below_max_rank_is_refused(device: torch.device) -> None:
     a = good_args(device)
-    with pytest.raises(ValueError, match=r"^config.block_r: expected >= max_rank \(16\), got 8"):
-        lora.sgmv_expand(a["v"], a["B"], a["indptr"], a["slots"], a["ranks"], a["scales"],
-                         a["y"], lora.ExpandConfig(block_m=16, block_n=32, block_r=8))
+    B = torch.randn(SLOTS, 32, OUT, device=device, dtype=torch.float16)
+    v = torch.zeros(a["v"].shape[0], T, 32, device=device)
+    with pytest.raises(ValueError, match=r"^config.block_r: expected >= max_rank \(32\), got 16"):
+        lora.sgmv_expand(v, B, a["indptr"], a["slots"], a["ranks"], a["scales"],
+                         a["y"], lora.ExpandConfig(block_m=16, block_n=32, block_r=16))

@@ -12,6 +12,7 @@ import torch
 
 from punica.bench.workloads import segment_lengths
 from punica.engine.batch import Batch, build_batch
+from punica.engine.cuda_graph import DecodeGraphs
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import ScheduledSeq
 from punica.engine.sequence import Sequence
@@ -33,6 +34,8 @@ class Rig:
     rotary: Rotary
     device: torch.device
     attention_backend: str
+    graphs: dict[bool, DecodeGraphs] | None = None
+    """Decode steps replay CUDA graphs as the engine's do (with and without the LoRA pool)."""
 
     @classmethod
     def build(cls, arch: ModelArch, dtype: torch.dtype, device: torch.device, kv_tokens: int,
@@ -46,8 +49,13 @@ class Rig:
         for slot in range(num_slots):  # the same bytes in every slot: timing does not care
             pool.load(slot, adapter)
         backend = "triton" if device.type == "cuda" else "torch"
-        return cls(arch, model, kv, pool, Rotary(arch, arch.max_position_embeddings, device),
-                   device, backend)
+        rotary = Rotary(arch, arch.max_position_embeddings, device)
+        graphs = None
+        if device.type == "cuda":
+            max_blocks = -(-arch.max_position_embeddings // BLOCK_SIZE)
+            graphs = {use: DecodeGraphs(model, kv, rotary, pool if use else None, num_slots,
+                                        max_blocks, device) for use in (False, True)}
+        return cls(arch, model, kv, pool, rotary, device, backend, graphs)
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -77,6 +85,8 @@ class Rig:
         return build_batch(scheduled, tables, BLOCK_SIZE, self.device)
 
     def step(self, batch: Batch, use_lora: bool) -> torch.Tensor:
+        if self.graphs is not None and batch.decode_only:
+            return self.graphs[use_lora].run(batch)
         ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora if use_lora else None,
                           self.attention_backend)
         return self.model(ctx)

@@ -21,6 +21,16 @@ MIN_K_PER_SPLIT = 256
 SHRINK_TARGET_PROGRAMS = 1024
 # Expand (row tile x column tile) pairs per program are grouped until about this many programs.
 EXPAND_TARGET_PROGRAMS = 512
+# Row kernels (block_m = 1) for decode-shaped batches: at most this many rows, or segments this
+# short on average. `scripts/row_probe.py` on the H200 (benchmarks/results/row_probe.json, rank 16,
+# 4096 -> 11008): the row pair beat the tile pair at every decode batch measured, bs 1..128 and
+# every mix (distinct bs 64: 14.2 vs 19.2 us; identical bs 64: 9.0 vs 12.6; bs 1: 5.4 vs 8.6).
+ROW_KERNEL_MAX_TOKENS = 128
+ROW_KERNEL_MAX_MEAN_LEN = 4
+# Row shrink: split-K programs x (block_r / 16) aimed at this many (8 splits at bs 64, 4 at 128,
+# 16 at bs <= 32 were the fastest measured).
+ROW_SHRINK_TARGET_PROGRAMS = 512
+ROW_SHRINK_BLOCK_K = 256
 
 
 @dataclass(frozen=True)
@@ -82,10 +92,43 @@ def _block_m(num_tokens: int, num_segments: int) -> int:
     return 16 if mean_len <= 16 else 32 if mean_len <= 32 else 64
 
 
+def use_row_kernels(num_tokens: int, num_segments: int) -> bool:
+    """Decode-shaped batches (few rows, or short segments) go to the row kernels."""
+    return (num_tokens <= ROW_KERNEL_MAX_TOKENS
+            or num_tokens <= ROW_KERNEL_MAX_MEAN_LEN * max(num_segments, 1))
+
+
+def _row_shrink_config(num_tokens: int, in_features: int, max_rank: int) -> ShrinkConfig:
+    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))  # rank 128: two rank tiles
+    splits = 1
+    while (splits * 2 <= MAX_SPLITS
+           and splits * 2 * num_tokens * block_r // 16 <= ROW_SHRINK_TARGET_PROGRAMS
+           and in_features // (splits * 2) >= ROW_SHRINK_BLOCK_K
+           and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
+        splits *= 2
+    # At least 4 splits where K allows: fewer programs than rows x 4 left the H200 idle.
+    while (splits < 4 and in_features // (splits * 2) >= ROW_SHRINK_BLOCK_K
+           and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
+        splits *= 2
+    return ShrinkConfig(block_m=1, block_r=block_r, block_k=ROW_SHRINK_BLOCK_K,
+                        num_splits=splits)
+
+
+def _row_expand_config(num_tokens: int, num_segments: int, max_rank: int) -> ExpandConfig:
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_n = min(512 if num_tokens <= 8 else 1024, 65536 // block_r)
+    # Two column tiles per program helped only where every row reads its own B (distinct).
+    tiles = 2 if num_segments >= 32 and num_segments * 2 > num_tokens else 1
+    return ExpandConfig(block_m=1, block_n=block_n, block_r=block_r, tiles_per_program=tiles)
+
+
 @functools.cache
 def shrink_config(num_tokens: int, num_segments: int, in_features: int,
                   max_rank: int) -> ShrinkConfig:
-    """Default shrink launch: enough split-K programs to stream A at full bandwidth."""
+    """Default shrink launch: enough split-K programs to stream A at full bandwidth; the row
+    kernel for decode-shaped batches."""
+    if use_row_kernels(num_tokens, num_segments):
+        return _row_shrink_config(num_tokens, in_features, max_rank)
     block_m = _block_m(num_tokens, num_segments)
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     tiles = min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
@@ -100,7 +143,9 @@ def shrink_config(num_tokens: int, num_segments: int, in_features: int,
 @functools.cache
 def expand_config(num_tokens: int, num_segments: int, out_features: int,
                   max_rank: int) -> ExpandConfig:
-    """Default expand launch."""
+    """Default expand launch (the row kernel for decode-shaped batches)."""
+    if use_row_kernels(num_tokens, num_segments):
+        return _row_expand_config(num_tokens, num_segments, max_rank)
     block_m = _block_m(num_tokens, num_segments)
     block_r = max(16, triton.next_power_of_2(max_rank))
     block_n = max(32, min(256 if block_m == 16 else 128, 8192 // block_r))
