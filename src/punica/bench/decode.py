@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     mixes = args.mixes.split(",")
     kv_tokens = max(args.kv_tokens, args.prefill_tokens)
     rig = Rig.build(arch, torch.float16, device, kv_tokens, max(batches), args.rank,
-                    max(max(batches), args.prefill_tokens))
+                    max(max(batches), args.prefill_tokens), max_decode_batch=max(batches))
     copy_gbps = copy_GBps(device, 1 << 28 if device.type == "cuda" else 1 << 22)
     tflops = matmul_TFLOPs(device, 8192 if device.type == "cuda" else 512, torch.float16)
     rows = []

@@ -39,7 +39,7 @@ class Rig:
 
     @classmethod
     def build(cls, arch: ModelArch, dtype: torch.dtype, device: torch.device, kv_tokens: int,
-              num_slots: int, rank: int, max_tokens: int) -> Rig:
+              num_slots: int, rank: int, max_tokens: int, max_decode_batch: int = 128) -> Rig:
         model = random_model(arch, dtype, device)
         blocks = -(-kv_tokens // BLOCK_SIZE)
         kv = torch.randn(arch.num_layers, 2, blocks, BLOCK_SIZE, arch.num_kv_heads,
@@ -53,8 +53,9 @@ class Rig:
         graphs = None
         if device.type == "cuda":
             max_blocks = -(-arch.max_position_embeddings // BLOCK_SIZE)
-            graphs = {use: DecodeGraphs(model, kv, rotary, pool if use else None, num_slots,
-                                        max_blocks, device) for use in (False, True)}
+            graphs = {use: DecodeGraphs(model, kv, rotary, pool if use else None,
+                                        max_decode_batch, max_blocks, device)
+                      for use in (False, True)}
         return cls(arch, model, kv, pool, rotary, device, backend, graphs)
 
     def weight_bytes(self) -> int:
@@ -84,8 +85,10 @@ class Rig:
                              f"{next_block} needed")
         return build_batch(scheduled, tables, BLOCK_SIZE, self.device)
 
-    def step(self, batch: Batch, use_lora: bool) -> torch.Tensor:
-        if self.graphs is not None and batch.decode_only:
+    def step(self, batch: Batch, use_lora: bool, use_graphs: bool = True) -> torch.Tensor:
+        """Logits of one step: decode-only batches replay a CUDA graph (on CUDA, unless
+        use_graphs is False), others run eagerly."""
+        if use_graphs and self.graphs is not None and batch.decode_only:
             return self.graphs[use_lora].run(batch)
         ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora if use_lora else None,
                           self.attention_backend)
