@@ -2,8 +2,8 @@
 
     python -m punica.bench.report [--results benchmarks/results]
 
-RESULTS.md keeps hand-written notes; the section between `<!-- lora_op:begin -->` and
-`<!-- lora_op:end -->` is regenerated from lora_op.json.
+RESULTS.md keeps hand-written notes; the sections between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->` are regenerated from NAME.json (lora_op, decode) when that file exists.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-BEGIN, END = "<!-- lora_op:begin -->", "<!-- lora_op:end -->"
 
 
 def lora_op_table(result: dict) -> str:
@@ -40,15 +39,42 @@ def _opt(row: dict, key: str) -> str:
     return f"{row[key]:.1f}" if key in row else "—"
 
 
+def decode_table(result: dict) -> str:
+    head = (f"Device {result['device']}, torch {result['torch']}, triton {result['triton']}, "
+            f"commit `{result['commit'][:12]}`, {result['date']}; copy bandwidth "
+            f"{result['copy_GBps'] / 1e3:.2f} TB/s, fp16 matmul {result['matmul_TFLOPs']:.0f} "
+            f"TFLOP/s. Command: `{result['command']}`.\n\n"
+            "| kind | mix | batch | context | step ms | tok/s | floor tok/s | % of floor |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['kind']} | {r['mix']} | {r['batch']} | {r['context']} | "
+                         f"skipped: {r['skipped']} | | | |")
+            continue
+        lines.append(f"| {r['kind']} | {r['mix']} | {r['batch']} | {r['context']} | "
+                     f"{r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['floor_tok_s']:.0f} | "
+                     f"{100 * r['tok_s'] / r['floor_tok_s']:.0f}% |")
+    return head + "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    before, rest = text.split(begin, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{begin}\n{body}{end}{after}"
+
+
 def update_results_md(results_dir: Path) -> None:
-    result = json.loads((results_dir / "lora_op.json").read_text())
     md_path = results_dir / "RESULTS.md"
-    text = md_path.read_text() if md_path.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    before, rest = text.split(BEGIN, 1)
-    _, after = rest.split(END, 1)
-    md_path.write_text(f"{before}{BEGIN}\n{lora_op_table(result)}{END}{after}")
+    text = md_path.read_text() if md_path.exists() else "# Benchmark results\n"
+    for name, render in (("lora_op", lora_op_table), ("decode", decode_table)):
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            text = replace_section(text, name, render(json.loads(path.read_text())))
+    md_path.write_text(text)
 
 
 def plot_lora_op(result: dict, path: Path) -> None:
@@ -81,14 +107,49 @@ def plot_lora_op(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_decode(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["kind"] == "decode" and "skipped" not in r]
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], contexts, strict=True):
+        for mix in ("distinct", "uniform", "skewed", "identical", "none"):
+            pts = sorted((r["batch"], r["tok_s"], r["floor_tok_s"]) for r in rows
+                         if r["mix"] == mix and r["context"] == ctx)
+            if not pts:
+                continue
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mix)
+            if mix in ("distinct", "none"):
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], linestyle="--",
+                        color=line.get_color(), label=f"{mix} floor")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"decode, context {ctx}")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("tokens / s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"7B-shape decode steps, rank 16 on 7 projections, {result['device']} "
+                 f"(commit {result['commit'][:8]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="benchmarks/results")
     args = ap.parse_args(argv)
     results_dir = Path(args.results)
     update_results_md(results_dir)
-    result = json.loads((results_dir / "lora_op.json").read_text())
-    plot_lora_op(result, results_dir / "lora_op.png")
+    for name, plot in (("lora_op", plot_lora_op), ("decode", plot_decode)):
+        path = results_dir / f"{name}.json"
+        if path.exists():
+            plot(json.loads(path.read_text()), results_dir / f"{name}.png")
     return 0
 
 

@@ -52,8 +52,9 @@ def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: lis
 
 
 def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[int], rank: int,
-            device: torch.device) -> dict[str, float]:
-    """HF transformers + PEFT mixed-adapter generate on the same shape (random weights)."""
+            device: torch.device, max_new: int) -> dict[str, float]:
+    """HF transformers + PEFT mixed-adapter generate on the same shape (random weights), one
+    padded batch, at most `max_new` new tokens (it runs at tens of tokens per second)."""
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -74,7 +75,7 @@ def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[i
                                          init_lora_weights=False))
     model = model.to(device=device, dtype=torch.float16).eval()
     prompt_len = max(p for p, _ in requests)
-    new = max(o for _, o in requests)
+    new = min(max_new, max(o for _, o in requests))
     ids = torch.randint(1, a.vocab_size, (len(requests), prompt_len), device=device)
     start = time.perf_counter()
     with torch.no_grad():
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-loras", type=int, default=128)
     ap.add_argument("--hf-requests", type=int, default=8, help="0 skips HF + PEFT")
+    ap.add_argument("--hf-max-new", type=int, default=64, help="new tokens per HF request")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV pool size on the CPU")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -108,7 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     model = random_model(arch, torch.float16, device)
     requests = request_lengths(args.num_requests, args.maxlen, seed=0)
     base = random_adapter("base", arch, args.rank)
-    rows = []
+    rows: list[dict[str, object]] = []
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = run_info("punica bench textgen " + " ".join(argv or sys.argv[1:]))
+
+    def save() -> None:  # after every run, so a run cut short still leaves its rows
+        (out / "textgen.json").write_text(json.dumps(
+            {**info, "arch": args.arch, "num_requests": args.num_requests,
+             "maxlen": args.maxlen, "rows": rows}, indent=1))
+
+    if args.hf_requests:
+        sub = requests[: args.hf_requests]
+        ids = list(range(len(sub)))
+        rows.append({"engine": "hf+peft", "mix": "distinct", "cap": len(sub),
+                     **hf_peft(args.arch, sub, ids, args.rank, device, args.hf_max_new)})
+        save()
+        gc.collect()  # the HF model's memory goes back before the engine sizes its KV pool
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for cap in [int(c) for c in args.caps.split(",")]:
         engine = LLMEngine(EngineConfig(
             model=ModelConfig("<random weights>", device=str(device), max_model_len=args.maxlen),
@@ -127,21 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             adapters = [None if mix == "no-lora" else names[i] for i in ids]
             stats = run_engine(engine, requests, adapters, arch.vocab_size, f"{mix} cap {cap}")
             rows.append({"engine": "punica", "mix": mix, "cap": cap, **stats})
+            save()
         del engine
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.hf_requests:
-        sub = requests[: args.hf_requests]
-        ids = list(range(len(sub)))
-        rows.append({"engine": "hf+peft", "mix": "distinct", "cap": len(sub),
-                     **hf_peft(args.arch, sub, ids, args.rank, device)})
-    result = {**run_info("punica bench textgen " + " ".join(argv or sys.argv[1:])),
-              "arch": args.arch, "num_requests": args.num_requests, "maxlen": args.maxlen,
-              "rows": rows}
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "textgen.json").write_text(json.dumps(result, indent=1))
+    save()
     for r in rows:
         print(f"{r['engine']:>8} {r['mix']:>9} cap={r['cap']:<4} {r['tok_s']:10.1f} tok/s "
               f"({r['output_tok_s']:.1f} output tok/s, {r['wall_s']:.1f} s)")
