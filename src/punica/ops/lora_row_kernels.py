@@ -92,22 +92,27 @@ def sgmv_expand_rows_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     row64 = row.to(tl.int64)
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br
+    y_row = y_ptr + row64 * stride_ym
+    offs_n = pid_n * tiles_per_program * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The first B slab and y row do not depend on the shrink: load them before the wait, so
+    # their latency overlaps the shrink (y is complete: see the PDL note in lora_kernels.py).
+    mask_n = offs_n < N
+    b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
     if USE_PDL:
-        gdc_wait()  # v is the shrink's output: everything above it may overlap the shrink
+        gdc_wait()  # v is the shrink's output
     v_ptrs = v_ptr + row64 * stride_vm + offs_r
     v = tl.load(v_ptrs, mask=mask_r, other=0.0)
     for split in tl.static_range(1, NUM_SPLITS):
         v += tl.load(v_ptrs + split * stride_vs, mask=mask_r, other=0.0)
     v = v * scale
-    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br
-    y_row = y_ptr + row64 * stride_ym
-    n_first = pid_n * tiles_per_program * BLOCK_N
     for i in range(0, tiles_per_program):
-        offs_n = n_first + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
-                         other=0.0)
-        y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
         acc = tl.sum(b_tile.to(tl.float32) * v[:, None], axis=0)
         tl.store(y_row + offs_n, (y_vec.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
                  mask=mask_n)
+        offs_n += BLOCK_N  # prefetch the next tile; after the program's last, nothing
+        mask_n = (offs_n < N) & (i + 1 < tiles_per_program)
+        b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                         other=0.0)
+        y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
