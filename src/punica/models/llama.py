@@ -16,6 +16,7 @@ from punica.engine.batch import Batch
 from punica.lora.pool import LoraPool
 from punica.models.arch import ModelArch
 from punica.models.rope import Rotary
+from punica.ops import fused
 from punica.ops.attention import paged_decode, paged_prefill, write_kv_cache
 from punica.ops.attention_ref import paged_attention_ref, write_kv
 from punica.ops.lora import add_lora
@@ -35,28 +36,52 @@ class StepContext:
 
 
 class RMSNorm(nn.Module):
+    """HF's RMSNorm through the fused op (one kernel on CUDA; the torch reference on CPU)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        """Normalise over the last dimension of x [..., dim] (contiguous)."""
+        return fused.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual += x (in place), then (normalised residual, residual)."""
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+# Checkpoint projections stored as one fused weight here (rows concatenated in this order): one
+# GEMM instead of three (two), each projection's LoRA added into its column slice of the output.
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def _add_lora(y: torch.Tensor, x: torch.Tensor, ctx: StepContext, layer: int,
+              proj: str) -> None:
+    """y += the batch's LoRA deltas of `proj` (y may be a column slice of a fused output)."""
+    if ctx.lora is None:
+        return
+    A, B, ranks, scales = ctx.lora.args(layer, proj)
+    b = ctx.batch
+    if ctx.lora.backend == "torch":
+        add_lora_ref(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales)
+    else:
+        add_lora(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales,
+                 ctx.lora.workspace, check_values=False)
 
 
 def _project(linear: nn.Linear, x: torch.Tensor, ctx: StepContext, layer: int,
-             proj: str) -> torch.Tensor:
+             projs: tuple[tuple[str, int], ...]) -> torch.Tensor:
+    """x @ W.T (+ bias) and each (projection, width) column slice's LoRA, left to right."""
     y = F.linear(x, linear.weight, linear.bias)
-    if ctx.lora is not None:
-        A, B, ranks, scales = ctx.lora.args(layer, proj)
-        b = ctx.batch
-        if ctx.lora.backend == "torch":
-            add_lora_ref(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales)
-        else:
-            add_lora(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales,
-                     ctx.lora.workspace, check_values=False)
+    start = 0
+    for proj, width in projs:
+        _add_lora(y[:, start:start + width], x, ctx, layer, proj)
+        start += width
     return y
 
 
@@ -65,23 +90,26 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.arch = layer, arch
         h, d = arch.hidden_size, arch.head_dim
-        self.q_proj = nn.Linear(h, arch.num_heads * d, bias=arch.qkv_bias)
-        self.k_proj = nn.Linear(h, arch.num_kv_heads * d, bias=arch.qkv_bias)
-        self.v_proj = nn.Linear(h, arch.num_kv_heads * d, bias=arch.qkv_bias)
+        self.q_size, self.kv_size = arch.num_heads * d, arch.num_kv_heads * d
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.qkv_slices = (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
         self.o_proj = nn.Linear(arch.num_heads * d, h, bias=False)
         if arch.qk_norm:
             self.q_norm = RMSNorm(d, arch.rms_norm_eps)
             self.k_norm = RMSNorm(d, arch.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         a, b, n = self.arch, ctx.batch, x.shape[0]
-        q = _project(self.q_proj, x, ctx, self.layer, "q").view(n, a.num_heads, a.head_dim)
-        k = _project(self.k_proj, x, ctx, self.layer, "k").view(n, a.num_kv_heads, a.head_dim)
-        v = _project(self.v_proj, x, ctx, self.layer, "v").view(n, a.num_kv_heads, a.head_dim)
+        qkv = _project(self.qkv_proj, x, ctx, self.layer, self.qkv_slices)
+        qs, ks = self.q_size, self.kv_size
+        q = qkv[:, :qs].view(n, a.num_heads, a.head_dim)
+        k = qkv[:, qs:qs + ks].view(n, a.num_kv_heads, a.head_dim)
+        v = qkv[:, qs + ks:].view(n, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Rotary.apply(q, *rope), Rotary.apply(k, *rope)
+        rot = ctx.rotary
+        fused.rotary_(q, b.positions, rot.cos, rot.sin)
+        fused.rotary_(k, b.positions, rot.cos, rot.sin)
         k_cache, v_cache = ctx.kv_cache[self.layer, 0], ctx.kv_cache[self.layer, 1]
         scale = a.head_dim**-0.5
         if ctx.attention_backend == "triton":
@@ -96,21 +124,23 @@ class Attention(nn.Module):
             write_kv(k_cache, v_cache, k, v, b.slot_mapping)
             out = paged_attention_ref(q, k_cache, v_cache, b.cu_seqlens_q, b.seq_lens,
                                       b.block_tables, scale)
-        return _project(self.o_proj, out.view(n, -1), ctx, self.layer, "o")
+        return _project(self.o_proj, out.view(n, -1), ctx, self.layer, (("o", a.hidden_size),))
 
 
 class MLP(nn.Module):
     def __init__(self, arch: ModelArch, layer: int) -> None:
         super().__init__()
-        self.layer = layer
-        self.gate_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.layer, i = layer, arch.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * i, bias=False)
+        self.down_proj = nn.Linear(i, arch.hidden_size, bias=False)
+        self.gate_up_slices = (("gate", i), ("up", i))
+        self.down_slices = (("down", arch.hidden_size),)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        gate = _project(self.gate_proj, x, ctx, self.layer, "gate")
-        up = _project(self.up_proj, x, ctx, self.layer, "up")
-        return _project(self.down_proj, F.silu(gate) * up, ctx, self.layer, "down")
+        gate_up = _project(self.gate_up_proj, x, ctx, self.layer, self.gate_up_slices)
+        i = gate_up.shape[1] // 2
+        act = fused.silu_and_mul(gate_up[:, :i], gate_up[:, i:])
+        return _project(self.down_proj, act, ctx, self.layer, self.down_slices)
 
 
 class DecoderLayer(nn.Module):
@@ -121,10 +151,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor,
+                ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = input_layernorm(residual) on entry; returns (mlp output, residual), the residual
+        now holding the attention sum; the caller adds the mlp output (fused with the next norm).
+        """
+        h, residual = self.post_attention_layernorm.add(self.self_attn(h, ctx), residual)
+        return self.mlp(h, ctx), residual
 
 
 class Backbone(nn.Module):
@@ -151,9 +184,13 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, ctx: StepContext) -> torch.Tensor:
         """float32 logits [N, vocab] of the batch's sampled rows."""
-        x = self.model.embed_tokens(ctx.batch.input_ids)
-        rope = ctx.rotary.at(ctx.batch.positions)
-        for layer in self.model.layers:
-            x = layer(x, ctx, rope)
-        x = self.model.norm(x[ctx.batch.logits_rows])
+        layers = self.model.layers
+        residual = self.model.embed_tokens(ctx.batch.input_ids)
+        h = layers[0].input_layernorm(residual)
+        for i, layer in enumerate(layers):
+            out, residual = layer(h, residual, ctx)
+            if i + 1 < len(layers):  # residual += out, normalised for the next layer
+                h, residual = layers[i + 1].input_layernorm.add(out, residual)
+        rows = ctx.batch.logits_rows
+        x, _ = self.model.norm.add(out[rows], residual[rows])
         return F.linear(x, self.logits_weight()).float()

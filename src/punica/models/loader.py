@@ -1,9 +1,12 @@
 """Load a Hugging Face checkpoint directory (config.json + *.safetensors, sharded index too)
-into `CausalLM`, one tensor at a time (cast and moved as read: never two copies of the model)."""
+into `CausalLM`, one tensor at a time (cast and moved as read: never two copies of the model; the
+q/k/v and gate/up weights are then concatenated into the model's fused projections, one layer's
+worth of extra memory at a time)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -11,7 +14,7 @@ from tqdm import tqdm
 
 from punica.errors import ModelLoadError
 from punica.models.arch import ModelArch, load_arch
-from punica.models.llama import CausalLM
+from punica.models.llama import FUSED_PROJECTIONS, CausalLM
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -73,7 +76,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     device = torch.device(device)
     with torch.device("meta"):
         model = CausalLM(arch)
-    wanted = set(model.state_dict().keys())
+    wanted = checkpoint_keys(model.state_dict().keys())
     files = weight_files(path)
     total = sum(f.stat().st_size for f in files)
     state = _read(files, wanted | {"lm_head.weight"}, torch_dtype, device,
@@ -83,5 +86,37 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     missing = sorted(wanted - state.keys())
     if missing:
         raise ModelLoadError(f"{path}: weights missing from the checkpoint: {missing[:5]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(fuse_projections(state), strict=True, assign=True)
     return model.eval(), arch, torch_dtype
+
+
+def _fused_parts(key: str) -> list[str] | None:
+    """The checkpoint keys a fused parameter is made of (None: stored as is)."""
+    for fused, parts in FUSED_PROJECTIONS.items():
+        marker = f".{fused}."
+        if marker in key:
+            head, tail = key.split(marker)
+            return [f"{head}.{part}.{tail}" for part in parts]
+    return None
+
+
+def checkpoint_keys(model_keys: Iterable[str]) -> set[str]:
+    """The names the checkpoint stores the model's parameters under (HF's, unfused)."""
+    out: set[str] = set()
+    for key in model_keys:
+        out.update(_fused_parts(key) or [key])
+    return out
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate q/k/v and gate/up rows into the model's fused parameters, in place; each
+    layer's parts are freed as soon as its fused tensor exists (one extra layer at a time)."""
+    for key in sorted(state):
+        for fused, parts in FUSED_PROJECTIONS.items():
+            first = f".{parts[0]}."
+            if first not in key:
+                continue
+            head, tail = key.split(first)
+            names = [f"{head}.{part}.{tail}" for part in parts]
+            state[f"{head}.{fused}.{tail}"] = torch.cat([state.pop(n) for n in names])
+    return state
