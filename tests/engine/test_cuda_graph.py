@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from punica.bench.rig import Rig
-from punica.engine.cuda_graph import DecodeGraphs
+from punica.engine.cuda_graph import StepGraphs
 from punica.models.random import tiny
 
 
@@ -23,7 +23,7 @@ def test_padded_decode_equals_unpadded(device: torch.device, slots: list[int]) -
     want = rig.step(batch, use_lora=True, use_graphs=False)
     kv_after = rig.kv_cache.clone()
     rig.kv_cache.copy_(kv_before)
-    graphs = DecodeGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=8,
+    graphs = StepGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=8,
                           max_blocks=4, device=device, capture=device.type == "cuda")
     assert graphs.bucket(len(slots)) == {1: 1, 3: 4, 5: 8}[len(slots)]
     for _ in range(2):  # a second replay reuses the same static buffers
@@ -35,10 +35,41 @@ def test_padded_decode_equals_unpadded(device: torch.device, slots: list[int]) -
     torch.testing.assert_close(rig.kv_cache, kv_after, rtol=1e-5, atol=1e-5)
 
 
-def test_refuses_prefill_batches(device: torch.device) -> None:
-    rig = Rig.build(tiny(), torch.float32, device, kv_tokens=64, num_slots=1, rank=8,
+@pytest.mark.parametrize("new_tokens,slots", (([1, 5, 1, 3], [0, 0, -1, 2]), ([7], [1]),
+                                               ([2, 1, 1, 9, 1], [-1, 1, 1, 2, 2])))
+def test_padded_mixed_step_equals_unpadded(device: torch.device, new_tokens: list[int],
+                                           slots: list[int]) -> None:
+    """Prefill chunks beside decodes, padded into a (token bucket, sequence bucket) graph."""
+    torch.manual_seed(1)
+    rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=3, rank=8,
+                    max_tokens=32)
+    rig.attention_backend = "triton"
+    contexts = [9, 17, 5, 30, 3][: len(slots)]
+    batch = rig.batch(new_tokens, contexts, slots)
+    assert not batch.decode_only
+    kv_before = rig.kv_cache.clone()
+    want = rig.step(batch, use_lora=True, use_graphs=False)
+    kv_after = rig.kv_cache.clone()
+    rig.kv_cache.copy_(kv_before)
+    graphs = StepGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=8,
+                        max_blocks=4, device=device, capture=device.type == "cuda",
+                        max_tokens=32)
+    tokens, seqs, decode_only = graphs.key(batch)
+    assert (seqs, decode_only) == ({1: 1, 4: 4, 5: 8}[len(slots)], False)
+    assert tokens == (16 if sum(new_tokens) <= 16 else 32)
+    for _ in range(2):
+        got = graphs.run(batch)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(rig.kv_cache != kv_before, kv_after != kv_before)
+    torch.testing.assert_close(rig.kv_cache, kv_after, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_steps_past_the_buckets(device: torch.device) -> None:
+    rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=1, rank=8,
                     max_tokens=16)
-    graphs = DecodeGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=4,
-                          max_blocks=4, device=device, capture=False)
+    graphs = StepGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=4,
+                        max_blocks=4, device=device, capture=False, max_tokens=16)
+    assert graphs.key(rig.batch([17], [17], [0])) is None
+    assert graphs.key(rig.batch([1] * 5, [2] * 5, [0] * 5)) is None
     with pytest.raises(ValueError, match="decode-only"):
-        graphs.run(rig.batch([3], [3], [0]))
+        graphs.run(rig.batch([17], [17], [0]))

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 
-
 def lora_op_table(result: dict) -> str:
     head = (f"Device {result['device']}, torch {result['torch']}, triton {result['triton']}, "
             f"commit `{result['commit'][:12]}`, {result['date']}; copy bandwidth "

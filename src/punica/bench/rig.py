@@ -12,7 +12,7 @@ import torch
 
 from punica.bench.workloads import segment_lengths
 from punica.engine.batch import Batch, build_batch
-from punica.engine.cuda_graph import DecodeGraphs
+from punica.engine.cuda_graph import StepGraphs
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import ScheduledSeq
 from punica.engine.sequence import Sequence
@@ -34,7 +34,7 @@ class Rig:
     rotary: Rotary
     device: torch.device
     attention_backend: str
-    graphs: dict[bool, DecodeGraphs] | None = None
+    graphs: dict[bool, StepGraphs] | None = None
     """Decode steps replay CUDA graphs as the engine's do (with and without the LoRA pool)."""
 
     @classmethod
@@ -53,7 +53,7 @@ class Rig:
         graphs = None
         if device.type == "cuda":
             max_blocks = -(-arch.max_position_embeddings // BLOCK_SIZE)
-            graphs = {use: DecodeGraphs(model, kv, rotary, pool if use else None,
+            graphs = {use: StepGraphs(model, kv, rotary, pool if use else None,
                                         max_decode_batch, max_blocks, device)
                       for use in (False, True)}
         return cls(arch, model, kv, pool, rotary, device, backend, graphs)

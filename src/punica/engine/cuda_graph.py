@@ -1,14 +1,22 @@
-"""CUDA graphs for decode-only steps, one per batch-size bucket, over static buffers.
+"""CUDA graphs for engine steps over static buffers: decode-only steps, and mixed steps (prefill
+chunks beside decodes) of up to MAX_MIXED_TOKENS rows.
 
-A decode step of B sequences runs in the graph of the smallest bucket >= B. Its inputs are copied
-into the bucket's static buffers; rows B.. are padding: token 0 at position 0, KV slot -1 (the
-write kernel skips it), context 1 over block 0 (read, never written), outside every LoRA segment
-(segments past the real ones are empty, slot -1). Their logits are computed and ignored. The
-graph holds everything the step launches: embeddings, 7 projections + SGMV per layer, rotary,
-KV write, split-free paged decode, final norm and LM head; launch geometry depends only on the
-bucket, never on the data, which is what makes replay valid.
+A step of T rows over B sequences runs in the graph of its key: decode-only steps (T == B) the
+graph of the smallest sequence bucket >= B, mixed steps the graph of (token bucket >= T, sequence
+bucket >= B). Inputs are copied into the graph's static buffers; the rest is padding:
 
-With capture=False the same padded static batch runs eagerly (CPU tests of the padding logic).
+- rows T.. are token 0 at position 0, KV slot -1 (the write kernel skips it), outside every
+  sequence (cu_seqlens stays at T) and every LoRA segment (segments past the real ones are empty,
+  slot -1); their hidden states are computed and ignored;
+- sequences B.. (decode graphs: rows B..) have context 1 over block 0 (read, never written) and,
+  in mixed graphs, no query rows;
+- logits rows past the real ones read row 0; their logits are ignored.
+
+The graph holds everything the step launches: embeddings, fused q/k/v and gate/up GEMMs with their
+SGMV deltas, rotary, KV write, paged attention (decode kernel in decode graphs, prefill kernel in
+mixed ones), norms, LM head. Launch geometry depends only on the key, never on the data, which is
+what makes replay valid. With capture=False the padded static step runs eagerly (CPU tests of the
+padding logic).
 """
 
 from __future__ import annotations
@@ -23,53 +31,71 @@ from punica.models.llama import CausalLM, StepContext
 from punica.models.rope import Rotary
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
+MAX_MIXED_TOKENS = TOKEN_BUCKETS[-1]
 
 
 @dataclass
 class _Static:
     batch: Batch
+    num_logits: int
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
 
-class DecodeGraphs:
+class StepGraphs:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, rotary: Rotary,
                  lora: LoraPool | None, max_batch: int, max_blocks: int, device: torch.device,
-                 attention_backend: str = "triton", capture: bool = True) -> None:
+                 attention_backend: str = "triton", capture: bool = True,
+                 max_tokens: int = MAX_MIXED_TOKENS) -> None:
         self.model, self.kv_cache, self.rotary, self.lora = model, kv_cache, rotary, lora
         self.device, self.backend, self.capture = device, attention_backend, capture
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_blocks = max_blocks
-        self._static: dict[int, _Static] = {}
+        # Mixed steps: token buckets up to the rows the LoRA workspace is sized for.
+        self.token_buckets = [t for t in TOKEN_BUCKETS if t <= max_tokens]
+        self._static: dict[tuple[int, int, bool], _Static] = {}
         self._pool = None
 
     def bucket(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
 
-    def _make_static(self, size: int) -> _Static:
+    def key(self, batch: Batch) -> tuple[int, int, bool] | None:
+        """(token bucket, sequence bucket, decode_only) of a step, or None: no graph fits it."""
+        seqs = self.bucket(len(batch.seq_lens))
+        if seqs is None:
+            return None
+        if batch.decode_only:
+            return seqs, seqs, True
+        need = max(batch.num_tokens, seqs)
+        tokens = next((t for t in self.token_buckets if t >= need), None)
+        return None if tokens is None else (tokens, seqs, False)
+
+    def _make_static(self, key: tuple[int, int, bool]) -> _Static:
+        tokens, seqs, decode_only = key
         dev, i32, i64 = self.device, torch.int32, torch.int64
         batch = Batch(
-            input_ids=torch.zeros(size, dtype=i64, device=dev),
-            positions=torch.zeros(size, dtype=i64, device=dev),
-            slot_mapping=torch.full((size,), -1, dtype=i64, device=dev),
-            cu_seqlens_q=list(range(size + 1)), seq_lens=[1] * size,
-            block_tables=[[0]] * size, logits_rows=torch.arange(size, dtype=i64, device=dev),
-            sampled=[], lora_indptr=torch.zeros(size + 1, dtype=i32, device=dev),
-            lora_slots=torch.full((size,), -1, dtype=i32, device=dev), order=[],
-            cu_seqlens_q_t=torch.arange(size + 1, dtype=i32, device=dev),
-            seq_lens_t=torch.ones(size, dtype=i32, device=dev),
-            block_tables_t=torch.zeros(size, self.max_blocks, dtype=i32, device=dev),
-            decode_only=True)
-        return _Static(batch)
+            input_ids=torch.zeros(tokens, dtype=i64, device=dev),
+            positions=torch.zeros(tokens, dtype=i64, device=dev),
+            slot_mapping=torch.full((tokens,), -1, dtype=i64, device=dev),
+            cu_seqlens_q=list(range(seqs + 1)), seq_lens=[1] * seqs,
+            block_tables=[[0]] * seqs, logits_rows=torch.zeros(seqs, dtype=i64, device=dev),
+            sampled=[], lora_indptr=torch.zeros(seqs + 1, dtype=i32, device=dev),
+            lora_slots=torch.full((seqs,), -1, dtype=i32, device=dev), order=[],
+            cu_seqlens_q_t=torch.arange(seqs + 1, dtype=i32, device=dev),
+            seq_lens_t=torch.ones(seqs, dtype=i32, device=dev),
+            block_tables_t=torch.zeros(seqs, self.max_blocks, dtype=i32, device=dev),
+            decode_only=decode_only)
+        return _Static(batch, seqs)
 
     def _forward(self, s: _Static) -> torch.Tensor:
         return self.model(StepContext(s.batch, self.kv_cache, self.rotary, self.lora,
                                       self.backend))
 
-    def _prepare(self, size: int) -> _Static:
-        s = self._static.get(size)
+    def _prepare(self, key: tuple[int, int, bool]) -> _Static:
+        s = self._static.get(key)
         if s is None:
-            s = self._make_static(size)
+            s = self._make_static(key)
             if self.capture:
                 self._forward(s)  # compile every kernel outside the capture
                 torch.cuda.synchronize(self.device)
@@ -77,37 +103,49 @@ class DecodeGraphs:
                 with torch.cuda.graph(s.graph, pool=self._pool):
                     s.logits = self._forward(s)
                 self._pool = s.graph.pool()
-            self._static[size] = s
+            self._static[key] = s
         return s
 
     def run(self, batch: Batch) -> torch.Tensor:
-        """Logits [B, vocab] of a decode-only batch (B <= the largest bucket)."""
-        n = batch.num_tokens
-        size = self.bucket(n)
-        if size is None or not batch.decode_only:
+        """Logits [N, vocab] of the step's sampled rows (N = batch.logits_rows.numel())."""
+        key = self.key(batch)
+        if key is None:
             raise ValueError(f"batch: expected a decode-only batch of <= {self.buckets[-1]} "
-                             f"sequences, got {n} rows (decode_only={batch.decode_only})")
-        s = self._prepare(size)
-        self._fill(s.batch, batch, n, size)
+                             "sequences or a mixed one within the token buckets "
+                             f"{self.token_buckets}, got "
+                             f"{batch.num_tokens} rows of {len(batch.seq_lens)} sequences "
+                             f"(decode_only={batch.decode_only})")
+        s = self._prepare(key)
+        self._fill(s.batch, batch)
+        n = batch.logits_rows.numel()
         if s.graph is None:
             return self._forward(s)[:n]
         s.graph.replay()
         return s.logits[:n]
 
-    def _fill(self, st: Batch, batch: Batch, n: int, size: int) -> None:
-        st.input_ids[:n].copy_(batch.input_ids)
-        st.positions[:n].copy_(batch.positions)
-        st.slot_mapping[:n].copy_(batch.slot_mapping)
-        st.slot_mapping[n:].fill_(-1)
-        st.seq_lens_t[:n].copy_(batch.seq_lens_t)
-        st.seq_lens_t[n:].fill_(1)
+    def _fill(self, st: Batch, batch: Batch) -> None:
+        t, b = batch.num_tokens, len(batch.seq_lens)
+        st.input_ids[:t].copy_(batch.input_ids)
+        st.positions[:t].copy_(batch.positions)
+        st.slot_mapping[:t].copy_(batch.slot_mapping)
+        st.slot_mapping[t:].fill_(-1)
+        st.seq_lens_t[:b].copy_(batch.seq_lens_t)
+        st.seq_lens_t[b:].fill_(1)
         width = batch.block_tables_t.shape[1]
-        st.block_tables_t[:n, :width].copy_(batch.block_tables_t)
-        st.block_tables_t[n:].zero_()
+        st.block_tables_t[:b, :width].copy_(batch.block_tables_t)
+        st.block_tables_t[:b, width:].zero_()
+        st.block_tables_t[b:].zero_()
+        st.cu_seqlens_q_t[: b + 1].copy_(batch.cu_seqlens_q_t)
+        st.cu_seqlens_q_t[b + 1:].fill_(t)  # padding sequences: no query rows
+        n = batch.logits_rows.numel()
+        st.logits_rows[:n].copy_(batch.logits_rows)
+        st.logits_rows[n:].zero_()
         segments = batch.lora_slots.numel()
         st.lora_indptr[: segments + 1].copy_(batch.lora_indptr)
-        st.lora_indptr[segments + 1:].fill_(n)
+        st.lora_indptr[segments + 1:].fill_(t)
         st.lora_slots[:segments].copy_(batch.lora_slots)
         st.lora_slots[segments:].fill_(-1)
-        st.seq_lens = batch.seq_lens + [1] * (size - n)  # host copies for the torch path
-        st.block_tables = batch.block_tables + [[0]] * (size - n)
+        pad = st.seq_lens_t.numel() - b
+        st.seq_lens = batch.seq_lens + [1] * pad  # host copies for the torch path
+        st.block_tables = batch.block_tables + [[0]] * pad
+        st.cu_seqlens_q = batch.cu_seqlens_q + [t] * pad

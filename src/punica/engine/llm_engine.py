@@ -10,7 +10,7 @@ import torch
 from punica.config import EngineConfig
 from punica.engine.batch import build_batch
 from punica.engine.block_manager import BlockManager
-from punica.engine.cuda_graph import DecodeGraphs
+from punica.engine.cuda_graph import StepGraphs
 from punica.engine.outputs import CompletionOutput, RequestOutput
 from punica.engine.sampler import sample
 from punica.engine.sampling_params import SamplingParams
@@ -73,10 +73,11 @@ class LLMEngine:
         self.generator = torch.Generator(device=device).manual_seed(mc.seed)
         self.graphs = None
         if device.type == "cuda" and not mc.enforce_eager and self.attention_backend == "triton":
-            self.graphs = DecodeGraphs(
+            self.graphs = StepGraphs(
                 self.model, self.kv_cache, self.rotary, self.lora_pool,
                 max_batch=min(config.scheduler.max_num_seqs, max_tokens, 512),
-                max_blocks=-(-self.max_model_len // cc.block_size), device=device)
+                max_blocks=-(-self.max_model_len // cc.block_size), device=device,
+                max_tokens=max_tokens)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0}
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
@@ -174,9 +175,8 @@ class LLMEngine:
         batch = build_batch(out.scheduled, self.scheduler.blocks.tables,
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
-        if self.graphs is not None and batch.decode_only and \
-                (not uses_lora or self.lora_pool.capturable) and \
-                self.graphs.bucket(batch.num_tokens) is not None:
+        if self.graphs is not None and (not uses_lora or self.lora_pool.capturable) and \
+                self.graphs.key(batch) is not None:
             logits = self.graphs.run(batch)
         else:
             ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
