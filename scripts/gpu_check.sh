@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; logs and JSON go to $OUT (default ./gpu_out).
-# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op decode textgen row_probe"] \
+# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op decode textgen row_probe profile"] \
 #        [TESTS="tests/ops -k row"] [TEXTGEN_ARGS="--num-requests 200"] bash scripts/gpu_check.sh
 # Extra arguments go to the lora_op benchmark (e.g. --sweep).
 set -uo pipefail
@@ -20,6 +20,8 @@ for step in $STEPS; do
     tests) python3 -m pytest -q -p no:warnings -p no:cacheprovider ${TESTS:-tests} 2>&1 \
              | tee "$OUT/tests.log" ;;
     row_probe) python3 scripts/row_probe.py "$OUT" 2>&1 | tee "$OUT/row_probe.log" ;;
+    profile) python3 scripts/step_profile.py "$OUT" 2>&1 | grep -v '^USDT' \
+               | tee "$OUT/step_profile.log" ;;
     lora_op) python3 -m punica.bench.lora_op --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/lora_op.log" ;;
     decode) python3 -m punica.bench.decode --out-dir "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
     textgen) python3 -m punica.bench.textgen --out-dir "$OUT" ${TEXTGEN_ARGS:-} 2>&1 \
