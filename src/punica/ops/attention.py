@@ -12,6 +12,8 @@
 Shapes: q/out [T, H, D]; caches [num_blocks, block_size, H_kv, D] (H a multiple of H_kv, grouped
 query heads h // (H / H_kv)); cu_seqlens_q int32 [B + 1]; seq_lens int32 [B]; block_tables int32
 [B, max_blocks]. No host sync, no allocation (the split workspace comes from the caller).
+Checks and launch parameters are derived once per argument signature (`launch.sig` of each
+tensor and the scalars) and the compiled kernels relaunched directly (`launch.KernelLaunch`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from punica.ops.attention_kernels import (
     decode_reduce_kernel,
@@ -28,6 +29,7 @@ from punica.ops.attention_kernels import (
     paged_prefill_kernel,
 )
 from punica.ops.checks import ACT_DTYPES, check_vector, expect, interpreting
+from punica.ops.launch import KernelLaunch, PlanCache, cdiv, next_power_of_2, sig
 from punica.ops.tiles import block_s, grid_rows
 
 
@@ -77,19 +79,34 @@ def _check_tables(seq_lens: torch.Tensor, block_tables: torch.Tensor, num_seqs: 
            f"an int32 tensor [{num_seqs}, max_blocks]", tuple(block_tables.shape))
     expect(block_tables.dtype == torch.int32, "block_tables.dtype", "torch.int32",
            block_tables.dtype)
+    expect(block_tables.device == device, "block_tables.device", str(device),
+           block_tables.device)
     expect(block_tables.stride(1) == 1, "block_tables.stride(1)", "1", block_tables.stride(1))
 
 
 def _common(q: torch.Tensor, k_cache: torch.Tensor) -> dict[str, object]:
     fp32 = q.dtype == torch.float32
-    return dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
+    return dict(HEAD_DIM=q.shape[2], BLOCK_D=max(16, next_power_of_2(q.shape[2])),
                 BLOCK_SIZE=k_cache.shape[1], PRECISION="ieee" if fp32 else "tf32",
                 DOT_FP32=fp32 or (interpreting() and q.dtype == torch.bfloat16))
+
+
+_WRITE: PlanCache[KernelLaunch | None] = PlanCache()
+_PREFILL: PlanCache[KernelLaunch | None] = PlanCache()
+_DECODE: PlanCache[tuple[KernelLaunch | None, KernelLaunch | None]] = PlanCache()
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k_cache.view(-1, H_kv, D)[slot_mapping] = k, same for v; k, v [T, H_kv, D]."""
+    key = (sig(k), sig(v), sig(k_cache), sig(v_cache), sig(slot_mapping))
+    launch = _WRITE.get(key, _write_plan, k, v, k_cache, v_cache, slot_mapping)
+    if launch is not None:
+        launch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _write_plan(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> KernelLaunch | None:
     _check_q("k", k)
     _check_q("v", v)
     _check_cache(k_cache, v_cache, k)
@@ -97,11 +114,12 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
            str(tuple(k_cache.shape[2:])), tuple(k.shape[1:]))
     check_vector("slot_mapping", slot_mapping, torch.int64, k.device, k.shape[0])
     if k.shape[0] == 0:
-        return
-    kv_write_kernel[(k.shape[0], k.shape[1])](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2), HEAD_DIM=k.shape[2],
-        BLOCK_D=triton.next_power_of_2(k.shape[2]))
+        return None
+    return KernelLaunch(
+        kv_write_kernel, (k.shape[0], k.shape[1]), 5,
+        (k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1),
+         k_cache.stride(2)),
+        dict(HEAD_DIM=k.shape[2], BLOCK_D=next_power_of_2(k.shape[2])), {})
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -109,6 +127,19 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, scale: float, out: torch.Tensor,
                   block_m: int = 16, block_n: int = 32) -> torch.Tensor:
     """Causal varlen attention of new query rows over the paged context (see module doc)."""
+    key = (sig(q), sig(k_cache), sig(v_cache), sig(cu_seqlens_q), sig(seq_lens),
+           sig(block_tables), scale, sig(out), block_m, block_n)
+    launch = _PREFILL.get(key, _prefill_plan, q, k_cache, v_cache, cu_seqlens_q, seq_lens,
+                          block_tables, scale, out, block_m, block_n)
+    if launch is not None:
+        launch(q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables)
+    return out
+
+
+def _prefill_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                  block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+                  block_m: int, block_n: int) -> KernelLaunch | None:
     _check_q("q", q)
     _check_q("out", out)
     expect(out.shape == q.shape and out.dtype == q.dtype, "out", f"{tuple(q.shape)} {q.dtype}",
@@ -119,15 +150,13 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _check_tables(seq_lens, block_tables, num_seqs, q.device)
     T, H = q.shape[0], q.shape[1]
     if T == 0 or num_seqs == 0:
-        return out
-    grid = (grid_rows(T, num_seqs, block_m), H)
-    paged_prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables, num_seqs, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=H // k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_S=block_s(num_seqs), **_common(q, k_cache))
-    return out
+        return None
+    return KernelLaunch(
+        paged_prefill_kernel, (grid_rows(T, num_seqs, block_m), H), 7,
+        (num_seqs, scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0)),
+        dict(GROUP=H // k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
+             BLOCK_S=block_s(num_seqs), **_common(q, k_cache)), {})
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -136,6 +165,23 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  workspace: DecodeWorkspace | None = None, block_n: int = 32) -> torch.Tensor:
     """One query row per sequence. With `workspace` the context (at most `max_context` tokens,
     a host-side bound such as max_model_len) is split over workspace.num_splits programs."""
+    part_out = workspace.part_out if workspace is not None else out
+    part_lse = workspace.part_lse if workspace is not None else seq_lens
+    key = (sig(q), sig(k_cache), sig(v_cache), sig(seq_lens), sig(block_tables), scale,
+           sig(out), max_context, workspace is not None, sig(part_out), sig(part_lse), block_n)
+    attend, merge = _DECODE.get(key, _decode_plan, q, k_cache, v_cache, seq_lens, block_tables,
+                                scale, out, max_context, workspace, block_n)
+    if attend is not None:
+        attend(q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables)
+    if merge is not None:
+        merge(part_out, part_lse, out)
+    return out
+
+
+def _decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                 out: torch.Tensor, max_context: int | None, workspace: DecodeWorkspace | None,
+                 block_n: int) -> tuple[KernelLaunch | None, KernelLaunch | None]:
     _check_q("q", q)
     _check_q("out", out)
     expect(out.shape == q.shape and out.dtype == q.dtype, "out", f"{tuple(q.shape)} {q.dtype}",
@@ -151,26 +197,28 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                workspace.part_out.shape[3] == D, "workspace.part_out.shape",
                f"[>= {B}, {H}, splits, {D}]", tuple(workspace.part_out.shape))
     if B == 0:
-        return out
-    per_split = triton.cdiv(triton.cdiv(max_context or 1, splits), block_n) * block_n
+        return None, None
+    per_split = cdiv(cdiv(max_context or 1, splits), block_n) * block_n
     if splits == 1:
         per_split = 2**31 - 1
     part_out = workspace.part_out if workspace is not None else out
     part_lse = workspace.part_lse if workspace is not None else seq_lens
     group = H // k_cache.shape[2]
     common = _common(q, k_cache)
-    paged_decode_kernel[(B, k_cache.shape[2], splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables, scale, per_split,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2) if splits > 1 else 0,
-        part_lse.stride(0) if splits > 1 else 0, part_lse.stride(1) if splits > 1 else 0,
-        GROUP=group, GROUP_P2=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        NUM_SPLITS=splits, **common)
-    if splits > 1:
-        decode_reduce_kernel[(B, H)](
-            part_out, part_lse, out, part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM=D,
-            BLOCK_D=common["BLOCK_D"])
-    return out
+    attend = KernelLaunch(
+        paged_decode_kernel, (B, k_cache.shape[2], splits), 8,
+        (scale, per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+         part_out.stride(0), part_out.stride(1), part_out.stride(2) if splits > 1 else 0,
+         part_lse.stride(0) if splits > 1 else 0, part_lse.stride(1) if splits > 1 else 0),
+        dict(GROUP=group, GROUP_P2=max(16, next_power_of_2(group)), BLOCK_N=block_n,
+             NUM_SPLITS=splits, **common), {})
+    if splits == 1:
+        return attend, None
+    merge = KernelLaunch(
+        decode_reduce_kernel, (B, H), 3,
+        (part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0),
+         part_lse.stride(1), out.stride(0), out.stride(1)),
+        dict(NUM_SPLITS=splits, SPLITS_P2=next_power_of_2(splits), HEAD_DIM=D,
+             BLOCK_D=common["BLOCK_D"]), {})
+    return attend, merge

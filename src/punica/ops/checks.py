@@ -9,6 +9,7 @@ table on the host and validates it there before the single upload per step.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -94,6 +95,11 @@ def should_check_values(tensor: torch.Tensor, check_values_flag: bool | None) ->
     return check_values_flag
 
 
+@functools.cache
 def interpreting() -> bool:
-    """True when Triton kernels run on the CPU under its interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton kernels run on the CPU under its interpreter (TRITON_INTERPRET=1).
+
+    Read once, at the first call: triton.jit reads the variable when it decorates a kernel, so
+    it must be set before the kernel modules are imported and cannot change afterwards.
+    """
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from punica.ops.launch import cdiv, next_power_of_2
+
 
 @triton.jit
 def locate_tile(indptr_ptr, slots_ptr, num_segments, pid, BLOCK_M: tl.constexpr,
@@ -44,8 +46,8 @@ def locate_tile(indptr_ptr, slots_ptr, num_segments, pid, BLOCK_M: tl.constexpr,
 
 def grid_rows(num_tokens: int, num_segments: int, block_m: int) -> int:
     """Upper bound on the number of row tiles (each tile holds >= 1 row)."""
-    return min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
+    return min(num_tokens, cdiv(num_tokens, block_m) + num_segments)
 
 
 def block_s(num_segments: int) -> int:
-    return max(16, triton.next_power_of_2(num_segments))
+    return max(16, next_power_of_2(num_segments))
