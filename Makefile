@@ -1,4 +1,5 @@
-# `make test`: create .venv if missing, install punica with its test extras (CPU torch), run pytest.
+# `make test`: create .venv if missing, install punica with its test, bench and cluster (Ray)
+# extras (CPU torch), run pytest.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "torch==2.13.0" "triton==3.6.0"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,cluster]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,4 +1,5 @@
-"""The `punica` command: `punica serve ...` (OpenAI-compatible server) and `punica bench ...`."""
+"""The `punica` command: `punica serve ...` (OpenAI-compatible server), `punica cluster ...` (the
+same server over engines on Ray), `punica simulate ...` and `punica bench ...`."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from punica.server.serve import add_serve_args
 
     add_serve_args(serve)
+    cluster = sub.add_parser("cluster", help="serve the OpenAI API from several engines on Ray "
+                             "(Punica's consolidating scheduler, migration)")
+    from punica.cluster.deploy import add_cluster_args
+
+    add_serve_args(cluster)
+    add_cluster_args(cluster)
     sim = sub.add_parser("simulate", help="replay a trace over simulated GPUs per policy")
     sim.add_argument("args", nargs=argparse.REMAINDER, help="its flags (simulate --help)")
     bench = sub.add_parser("bench", help="run a benchmark (writes JSON to benchmarks/results)")
@@ -36,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from punica.server.serve import serve as run_server
 
         return run_server(ns)
+    if ns.command == "cluster":
+        from punica.cluster.deploy import run_cluster
+
+        return run_cluster(ns)
     if ns.command == "bench":
         import importlib
 

@@ -48,3 +48,11 @@ class CapacityError(PunicaError, RuntimeError):
     """The configured KV cache or adapter pool cannot hold what was asked (503)."""
 
     status = 503
+
+
+class EngineUnavailableError(CapacityError):
+    """No engine of the cluster is alive to serve a request (503)."""
+
+
+class ClusterStartError(PunicaError, RuntimeError):
+    """The cluster's engines could not start (resources missing, a bad model or flags)."""

@@ -62,3 +62,24 @@ def test_migration_takes_the_newest_and_requeues_it_first() -> None:
     # adapter ("a") on engine 1
     assert [(r.request_id, e) for r, e in placed] == [("r9", 1), ("r10", 1)]
     assert migration_victim([]) is None
+
+
+def test_a_migrated_request_prefers_another_engine_over_its_source() -> None:
+    engines = [EngineState(0, 8, 5, 40), EngineState(1, 8, 2, 40), EngineState(2, 8, 8, 40)]
+    moved = ClusterRequest("m", "a", 31, arrival=7, source=0)
+    assert choose_engine(moved, engines) == 1  # 0 is busier, but it handed the request back
+    only_source = [EngineState(0, 8, 5, 40), EngineState(1, 8, 8, 40)]
+    assert choose_engine(moved, only_source) == 0  # nowhere else: recomputed where it was
+    assert choose_engine(ClusterRequest("m", "a", 31, arrival=7), engines) == 0
+
+
+def test_queue_counts_every_sequence_and_discards_a_request_that_left() -> None:
+    q = ClusterQueue()
+    q.submit(ClusterRequest("n3", None, 15, arrival=0, num_seqs=3))
+    q.submit(req(1, tokens=15))
+    q.submit(req(2, tokens=15))
+    assert q.discard("r1") and not q.discard("r1") and len(q) == 2
+    placed = q.place([EngineState(0, 4, 0, 10), EngineState(1, 4, 3, 10)])
+    # n3 joins the busier engine 1 (3 + 3 > 4 is not checked: a batch below max takes it);
+    # engine 1 then runs 6 >= 4, so r2 goes to engine 0
+    assert [(r.request_id, e) for r, e in placed] == [("n3", 1), ("r2", 0)]

@@ -1,4 +1,5 @@
-"""A real `punica serve` process on a free port over a tiny checkpoint with a chat template."""
+"""A real `punica serve` process (and a `punica cluster` one: the same API from two engines on a
+local Ray cluster) on a free port over a tiny checkpoint with a chat template."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def punica_serve(*args: str, wait_s: float = 120.0) -> Iterator[str]:
-    """Run `punica serve ARGS --port P` (torch reference ops, no interpreter) until /health
-    answers; yield its URL; stop it afterwards."""
+def punica_serve(*args: str, wait_s: float = 120.0, command: str = "serve") -> Iterator[str]:
+    """Run `punica serve ARGS --port P` (or another serving command; torch reference ops, no
+    interpreter) until /health answers; yield its URL; stop it afterwards."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen([sys.executable, "-m", "punica.cli", "serve", *args, "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "punica.cli", command, *args, "--port",
                              str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -67,13 +68,14 @@ def punica_serve(*args: str, wait_s: float = 120.0) -> Iterator[str]:
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Running:
+    """The tiny model (with a chat template) and its adapters; `url` is not set."""
     root = tmp_path_factory.mktemp("server")
     base = save_model(root / "tiny-llama", "llama")
     cfg = base / "tokenizer_config.json"
@@ -85,8 +87,32 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     lora_root = root / "loras"
     adapters = {n: save_adapter(base, lora_root / n, i + 1, **ADAPTERS[n])
                 for i, n in enumerate(("qv8", "all4rs"))}
-    with punica_serve("--model", str(base), "--device", "cpu", "--dtype", "float32",
-                      "--max-model-len", "64", "--api-key", API_KEY, "--lora-modules",
-                      f"qv8={adapters['qv8']}", "--lora-root", str(lora_root), "--max-loras",
-                      "2", "--max-lora-rank", "16", "--max-in-flight", "256") as url:
-        yield Running(url, base, adapters, lora_root)
+    return Running("", base, adapters, lora_root)
+
+
+def serve_flags(c: Running) -> tuple[str, ...]:
+    return ("--model", str(c.model_dir), "--device", "cpu", "--dtype", "float32",
+            "--max-model-len", "64", "--api-key", API_KEY, "--lora-modules",
+            f"qv8={c.adapters['qv8']}", "--lora-root", str(c.lora_root), "--max-loras", "2",
+            "--max-lora-rank", "16", "--max-in-flight", "256")
+
+
+@pytest.fixture(scope="session")
+def serve_server(checkpoint: Running) -> Iterator[Running]:
+    with punica_serve(*serve_flags(checkpoint)) as url:
+        yield replace(checkpoint, url=url)
+
+
+@pytest.fixture(scope="session")
+def server(serve_server: Running) -> Running:
+    """`punica serve` (test modules may override it to also run against the cluster)."""
+    return serve_server
+
+
+@pytest.fixture(scope="session")
+def cluster_server(checkpoint: Running) -> Iterator[Running]:
+    """`punica cluster` with two CPU engines (skipped where Ray is missing)."""
+    pytest.importorskip("ray")
+    with punica_serve(*serve_flags(checkpoint), "--num-engines", "2", "--cpus-per-engine",
+                      "1", command="cluster", wait_s=240) as url:
+        yield replace(checkpoint, url=url)

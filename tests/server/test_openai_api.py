@@ -1,4 +1,5 @@
-"""The server through the official openai client, and raw HTTP for the error cases."""
+"""The server through the official openai client, and raw HTTP for the error cases: each test
+against `punica serve` and against `punica cluster` (two engines on Ray, same API)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,33 @@ import openai
 import pytest
 
 from punica import LLM, SamplingParams
+from punica.engine.outputs import RequestOutput
 from tests.server.conftest import API_KEY, Running
+
+
+@pytest.fixture(scope="module", params=["serve", "cluster"])
+def server(request: pytest.FixtureRequest) -> Running:
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+PROMPT = "The quick brown fox"
+MIXED = [([3 + i, 7, 11 + i], "qv8" if i % 2 else None) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint: Running) -> LLM:
+    """The offline API on the same model and adapter (Triton's interpreter: slow)."""
+    llm = LLM(str(checkpoint.model_dir), dtype="float32", device="cpu", max_model_len=64)
+    llm.load_lora("qv8", str(checkpoint.adapters["qv8"]))
+    return llm
+
+
+@pytest.fixture(scope="module")
+def mixed_want(offline: LLM) -> list[str]:
+    """Offline texts of the MIXED cases, computed once for both servers."""
+    return [o.text for o in offline.generate([p for p, _ in MIXED],
+                                             SamplingParams(max_tokens=6, temperature=0.0),
+                                             lora=[a for _, a in MIXED], use_tqdm=False)]
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +47,18 @@ def test_models_lists_base_and_adapters(client: openai.OpenAI) -> None:
     assert set(ids) == {"tiny-llama", "qv8"}
 
 
-def test_completions_equal_the_offline_api(server: Running, client: openai.OpenAI) -> None:
-    llm = LLM(str(server.model_dir), dtype="float32", device="cpu", max_model_len=64)
-    llm.load_lora("qv8", str(server.adapters["qv8"]))
-    prompt = "The quick brown fox"
-    for model, lora in (("tiny-llama", None), ("qv8", "qv8")):
-        want = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0), lora=lora,
-                            use_tqdm=False)[0]
-        got = client.completions.create(model=model, prompt=prompt, max_tokens=8,
+@pytest.fixture(scope="module")
+def fox_want(offline: LLM) -> dict[str, RequestOutput]:
+    """Offline greedy completions of PROMPT per served model, computed once."""
+    return {model: offline.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0.0),
+                                    lora=lora, use_tqdm=False)[0]
+            for model, lora in (("tiny-llama", None), ("qv8", "qv8"))}
+
+
+def test_completions_equal_the_offline_api(fox_want: dict[str, RequestOutput],
+                                           client: openai.OpenAI) -> None:
+    for model, want in fox_want.items():
+        got = client.completions.create(model=model, prompt=PROMPT, max_tokens=8,
                                         temperature=0.0)
         assert got.choices[0].text == want.text
         assert got.choices[0].finish_reason == want.finish_reason
@@ -106,15 +137,11 @@ def test_auth_json_and_paths(server: Running) -> None:
     assert httpx.get(f"{server.url}/version").json()["version"]
 
 
-def test_concurrent_mixed_adapters_equal_offline(server: Running) -> None:
+def test_concurrent_mixed_adapters_equal_offline(server: Running, mixed_want: list[str]
+                                                  ) -> None:
     import asyncio
 
-    llm = LLM(str(server.model_dir), dtype="float32", device="cpu", max_model_len=64)
-    llm.load_lora("qv8", str(server.adapters["qv8"]))
-    cases = [([3 + i, 7, 11 + i], "qv8" if i % 2 else None) for i in range(8)]
-    want = [o.text for o in llm.generate([p for p, _ in cases],
-                                         SamplingParams(max_tokens=6, temperature=0.0),
-                                         lora=[a for _, a in cases], use_tqdm=False)]
+    cases, want = MIXED, mixed_want
 
     async def main() -> list[str]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:

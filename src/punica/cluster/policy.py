@@ -10,7 +10,9 @@ can be released).
 
 Migration: an engine out of KV blocks hands back its newest request; the request keeps its tokens
 so far and is placed again at the head of the queue, where it resumes by recomputing prompt +
-tokens so far (its stream continues with the next token: no gap, no repeat).
+tokens so far (its stream continues with the next token: no gap, no repeat). A migrated request
+goes to another engine when one has room; only when none has does it go back to its source (which
+then just recomputes it, as a single engine would).
 
 Request life cycle: queued -> placed on engine e -> (migrated: queued at the head) -> ... ->
 finished (the engine reports it; its blocks are free there).
@@ -50,6 +52,10 @@ class ClusterRequest:
     """Prompt + tokens generated so far: what the engine must (re)compute."""
     arrival: int
     """Arrival order (the newest has the largest)."""
+    num_seqs: int = 1
+    """Sequences it runs (n completions): what it adds to an engine's batch."""
+    source: int | None = None
+    """The engine that handed it back (a migrated request), else None."""
 
     def blocks(self, block_size: int) -> int:
         """KV blocks to hold its tokens and the next one."""
@@ -58,6 +64,16 @@ class ClusterRequest:
 
 def choose_engine(request: ClusterRequest, engines: Iterable[EngineState]) -> int | None:
     """The engine id Punica's policy places `request` on, or None when no engine has room."""
+    engines = list(engines)
+    if request.source is not None:
+        elsewhere = _busiest_with_room(request, [e for e in engines
+                                                 if e.engine_id != request.source])
+        if elsewhere is not None:
+            return elsewhere
+    return _busiest_with_room(request, engines)
+
+
+def _busiest_with_room(request: ClusterRequest, engines: list[EngineState]) -> int | None:
     best_key, best = None, None
     for e in engines:
         if not e.has_room(request.blocks(e.block_size)):
@@ -88,6 +104,14 @@ class ClusterQueue:
     def requeue_migrated(self, request: ClusterRequest) -> None:
         self._queue.appendleft(request)
 
+    def discard(self, request_id: str) -> bool:
+        """Drop a queued request (its client left); False when it is not queued."""
+        for request in self._queue:
+            if request.request_id == request_id:
+                self._queue.remove(request)
+                return True
+        return False
+
     def place(self, engines: list[EngineState]) -> list[tuple[ClusterRequest, int]]:
         """Place queued requests in order while the head fits somewhere; the engines' states
         are updated locally as requests land, so one call places a whole burst correctly."""
@@ -102,8 +126,8 @@ class ClusterQueue:
             placed.append((request, engine_id))
             e = state[engine_id]
             adapters = dict(e.adapters)
-            adapters[request.adapter] = adapters.get(request.adapter, 0) + 1
-            state[engine_id] = EngineState(e.engine_id, e.max_batch, e.running + 1,
+            adapters[request.adapter] = adapters.get(request.adapter, 0) + request.num_seqs
+            state[engine_id] = EngineState(e.engine_id, e.max_batch, e.running + request.num_seqs,
                                            e.free_blocks - request.blocks(e.block_size),
                                            e.block_size, adapters, e.alive)
         return placed

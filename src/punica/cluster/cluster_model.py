@@ -1,0 +1,73 @@
+"""The cluster as the server sees "the engine": the tokenizer, limits, the adapters every engine
+holds, request validation, and adapter loads/unloads that reach every engine.
+
+The server (punica.server.state / app) reads `tokenizer`, `max_model_len`, `registry` and
+`validate` and runs adapter calls (`list_loras`, `load_lora`, `remove_lora`) through
+`ClusterEngine.call`; these methods block on the engines, so they run on a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from punica.cluster.engine_worker import CallResult, EngineInfo
+from punica.engine.llm_engine import LLMEngine
+from punica.engine.stops import StopChecker
+from punica.errors import AdapterInUseError, AdapterNotFoundError
+
+
+class Fleet(Protocol):
+    def fan_out(self, fn: Callable[[LLMEngine], object]) -> list[CallResult]: ...
+
+    def adapter_users(self, name: str) -> int: ...
+
+
+class ClusterModel:
+    def __init__(self, fleet: Fleet, info: EngineInfo, tokenizer: object | None) -> None:
+        self.fleet = fleet
+        self.tokenizer = tokenizer
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
+        self._stops = StopChecker(None, (), info.max_model_len)
+        self._adapters = frozenset(info.adapters)
+
+    @property
+    def registry(self) -> frozenset[str]:
+        """Adapters every live engine holds (what requests may name)."""
+        return self._adapters
+
+    def validate(self, prompt_ids: list[int], adapter: str | None) -> None:
+        self._stops.validate_prompt(prompt_ids, self.vocab_size)
+        if adapter is not None and adapter not in self._adapters:
+            raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
+
+    def list_loras(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load on every engine; usable once all have it (a partial load stays unusable)."""
+        results = self.fleet.fan_out(lambda e: e.load_lora(name, path))
+        self._refresh()
+        _raise_first(results)
+
+    def remove_lora(self, name: str) -> None:
+        if name not in self._adapters:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        users = self.fleet.adapter_users(name)
+        if users:
+            raise AdapterInUseError(f"adapter {name!r} is used by {users} request(s)")
+        results = self.fleet.fan_out(lambda e: e.remove_lora(name))
+        self._refresh()
+        _raise_first(results)
+
+    def _refresh(self) -> None:
+        listed = [set(r.value) for r in self.fleet.fan_out(lambda e: e.list_loras())
+                  if r.error is None]
+        self._adapters = frozenset(set.intersection(*listed)) if listed else frozenset()
+
+
+def _raise_first(results: list[CallResult]) -> None:
+    for r in results:
+        if r.error is not None:
+            raise r.error

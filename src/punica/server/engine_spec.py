@@ -1,0 +1,73 @@
+"""What an engine is built from (its config, the adapters it loads at start) and the building:
+one place for `punica serve` and for every engine actor of `punica cluster`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
+from punica.engine.llm_engine import LLMEngine
+from punica.engine.scheduler import SchedulerConfig
+
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    config: EngineConfig
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    """(name, directory) of the PEFT adapters loaded at start."""
+    random_adapters: int = 0
+    """With a `random:<shape>` model: this many random rank-16 adapters lora0, lora1, ..."""
+
+    @property
+    def is_random(self) -> bool:
+        return self.config.model.model.startswith(RANDOM_PREFIX)
+
+
+def engine_config(ns: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(ns.model, ns.dtype, ns.device, ns.max_model_len, ns.seed,
+                          enforce_eager=ns.enforce_eager),
+        cache=CacheConfig(ns.block_size, ns.gpu_memory_utilization, ns.kv_cache_bytes),
+        lora=LoraConfig(ns.max_loras, ns.max_lora_rank, ns.max_cpu_loras),
+        scheduler=SchedulerConfig(ns.max_num_seqs, ns.max_num_batched_tokens))
+
+
+def spec_from_args(ns: argparse.Namespace) -> EngineSpec:
+    """The serve flags as a spec; --lora-modules entries must read NAME=DIR (SystemExit)."""
+    modules = []
+    for entry in ns.lora_modules:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora-modules: expected NAME=DIR, got {entry!r}")
+        modules.append((name, path))
+    return EngineSpec(engine_config(ns), tuple(modules), ns.random_adapters)
+
+
+def build_engine(spec: EngineSpec) -> LLMEngine:
+    engine = _random_engine(spec) if spec.is_random else LLMEngine(spec.config)
+    for name, path in spec.lora_modules:
+        engine.load_lora(name, path)
+    return engine
+
+
+def _random_engine(spec: EngineSpec) -> LLMEngine:
+    """An engine over random weights at a named shape, with random adapters (for benchmarks)."""
+    import torch
+
+    from punica.models.random import llama2_7b, random_adapter, random_model, tiny
+
+    shapes = {"random:llama2-7b": llama2_7b, "random:tiny": tiny}
+    mc = spec.config.model
+    if mc.model not in shapes:
+        raise SystemExit(f"--model: expected a directory or one of {sorted(shapes)}")
+    arch = shapes[mc.model]()
+    device = torch.device(mc.device if mc.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    engine = LLMEngine(spec.config, model=random_model(arch, torch.float16, device))
+    first = random_adapter("lora0", arch, min(16, spec.config.lora.max_lora_rank))
+    for i in range(spec.random_adapters):
+        engine.add_lora_weights(random_adapter(f"lora{i}", arch, 16, shared=first))
+    return engine

@@ -1,0 +1,103 @@
+"""The engine actor's body without Ray: an engine out of KV blocks hands back its newest request,
+another resumes it from its tokens so far to the output it has unmigrated (penalties, logprobs
+and text included), and an abort that overtakes its add drops the add."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from punica.cluster.engine_worker import EngineWorker, Report
+from punica.config import CacheConfig, EngineConfig, ModelConfig
+from punica.engine.outputs import RequestOutput
+from punica.engine.sampling_params import SamplingParams
+from punica.server.engine_spec import EngineSpec
+from tests.checkpoints import save_model
+
+PARAMS = SamplingParams(max_tokens=45, temperature=0.0, ignore_eos=True,
+                        frequency_penalty=0.8, repetition_penalty=1.3, logprobs=2)
+PROMPTS = {"a@1": list(range(10, 20)), "b@1": list(range(30, 40))}  # 55 tokens: 4 blocks each
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory) -> EngineSpec:
+    base = save_model(tmp_path_factory.mktemp("worker") / "m", "llama")
+    return EngineSpec(EngineConfig(ModelConfig(str(base), "float32", "cpu", 64)))
+
+
+def small(spec: EngineSpec, blocks: int) -> EngineSpec:
+    config = spec.config
+    return EngineSpec(EngineConfig(config.model, CacheConfig(num_blocks=blocks),
+                                   scheduler=config.scheduler))
+
+
+@pytest.fixture
+def workers(spec: EngineSpec, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EngineWorker]]:
+    # torch reference ops, as in a real CPU engine (Triton's interpreter, which tests turn on,
+    # is not thread-safe, and the two workers step at the same time)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    made = [EngineWorker(0, small(spec, 6)), EngineWorker(1, spec)]
+    yield made
+    for w in made:
+        w.shutdown()
+
+
+def drain(worker: EngineWorker, until: Callable[[Report], bool], timeout_s: float = 60.0) -> Report:
+    """Merge the worker's reports until `until(merged)` holds."""
+    merged = worker.poll(0.0)
+    deadline = time.time() + timeout_s
+    while not until(merged):
+        assert time.time() < deadline, f"the worker did not get there in time: {merged}"
+        r = worker.poll(0.5)
+        merged.state = r.state
+        merged.applied += r.applied
+        merged.outputs += r.outputs
+        merged.failed += r.failed
+        merged.migrated += r.migrated
+    return merged
+
+
+def finals(report: Report) -> dict[str, RequestOutput]:
+    return {o.request_id: o for o in report.outputs if o.finished}
+
+
+def test_out_of_blocks_hands_back_the_newest_and_resume_continues_exactly(
+        workers: list[EngineWorker]) -> None:
+    full, roomy = workers
+    for number, (rid, prompt) in enumerate(PROMPTS.items()):
+        roomy.add(number, rid, prompt, PARAMS, None)
+    want = finals(drain(roomy, lambda r: len(finals(r)) == 2))
+
+    for number, (rid, prompt) in enumerate(PROMPTS.items()):
+        full.add(10 + number, rid, prompt, PARAMS, None)
+    report = drain(full, lambda r: bool(r.migrated))
+    assert report.migrated == ["b@1"] and report.applied == [10, 11]
+    last_b = [o for o in report.outputs if o.request_id == "b@1"][-1]
+    assert 0 < len(last_b.token_ids) < PARAMS.max_tokens
+    assert report.state.running == 1  # b is gone from this engine: its blocks are free
+
+    roomy.add(12, "b@2", PROMPTS["b@1"], PARAMS, None, done=last_b)
+    resumed = drain(roomy, lambda r: "b@2" in finals(r))
+    first = [o for o in resumed.outputs if o.request_id == "b@2"][0]
+    assert len(first.token_ids) == len(last_b.token_ids) + 1  # the next token, nothing else
+    got = finals(resumed)["b@2"]
+    assert got.token_ids == want["b@1"].token_ids
+    assert got.text == want["b@1"].text and got.finish_reason == "length"
+    assert len(got.outputs[0].logprobs) == PARAMS.max_tokens
+    a = finals(drain(full, lambda r: "a@1" in finals(r)))["a@1"]
+    assert a.token_ids == want["a@1"].token_ids
+
+
+def test_an_abort_that_overtakes_its_add_drops_the_add(workers: list[EngineWorker]) -> None:
+    _, worker = workers
+    worker.abort("x@1")
+    worker.add(0, "x@1", [1, 2, 3], PARAMS, None)
+    worker.add(1, "y@1", [1, 2, 3], SamplingParams(max_tokens=2), None)
+    report = drain(worker, lambda r: "y@1" in finals(r))
+    assert sorted(report.applied) == [0, 1]
+    assert {o.request_id for o in report.outputs} == {"y@1"}
+    assert worker.call(lambda e: e.has_unfinished()).value is False
+    failed = worker.call(lambda e: e.remove_lora("nope"))
+    assert failed.value is None and "not loaded" in str(failed.error)
