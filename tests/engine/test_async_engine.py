@@ -63,3 +63,23 @@ def test_bad_prompt_fails_before_submission(engine: LLMEngine, tmp_path: Path) -
         assert ae.in_flight == 0
     finally:
         ae.shutdown()
+
+
+def test_request_finished_before_its_reader_starts(engine: LLMEngine) -> None:
+    ae = AsyncEngine(engine)
+
+    async def main() -> None:
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        stream = ae.stream(ae.open([1, 2, 3], params, None))
+        for _ in range(200):  # the engine thread finishes it and forgets it
+            if ae.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert ae.in_flight == 0
+        outs = [o async for o in stream]
+        assert outs[-1].finished and len(outs[-1].token_ids) == 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        ae.shutdown()

@@ -82,9 +82,16 @@ class AsyncEngine:
         self._inbox.put(lambda: self._add(rid, prompt_ids, params, adapter))
         return rid
 
-    async def stream(self, rid: str) -> AsyncIterator[RequestOutput]:
-        """Updates of an opened request until it finishes; closing the iterator aborts it."""
-        stream = self._streams[rid]
+    def stream(self, rid: str) -> AsyncIterator[RequestOutput]:
+        """Updates of an opened request until it finishes; closing the iterator aborts it.
+
+        The request's queue is looked up here, not at the first iteration: a request that
+        finishes before its reader starts is forgotten by the engine thread (`_deliver`), but
+        its updates are already in the queue taken now.
+        """
+        return self._iterate(rid, self._streams[rid])
+
+    async def _iterate(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished, last, first = False, None, None
         try:
             while True:
