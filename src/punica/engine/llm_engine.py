@@ -175,8 +175,9 @@ class LLMEngine:
         batch = build_batch(out.scheduled, self.scheduler.blocks.tables,
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
-        if self.graphs is not None and (not uses_lora or self.lora_pool.capturable) and \
-                self.graphs.key(batch) is not None:
+        # The graphs hold the pool's add_lora calls even in steps without LoRA rows.
+        if self.graphs is not None and (self.lora_pool is None or self.lora_pool.capturable) \
+                and self.graphs.key(batch) is not None:
             logits = self.graphs.run(batch)
         else:
             ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
