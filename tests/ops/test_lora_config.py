@@ -23,6 +23,8 @@ def test_decode_batch_gets_split_k_and_prefill_does_not() -> None:
     assert lora.shrink_config(64, 64, 4096, 16).num_splits == 8
     assert lora.shrink_config(128, 128, 4096, 16).num_splits == 4
     assert lora.shrink_config(64, 64, 4096, 64).num_splits == 4
+    assert lora.shrink_config(64, 8, 4096, 16).num_splits == 4  # rows share adapters
+    assert lora.shrink_config(32, 4, 4096, 16).num_splits == 8
     assert lora.shrink_config(512, 4, 4096, 16).num_splits == 8
     assert lora.shrink_config(8192, 1, 4096, 16).num_splits == 1
 

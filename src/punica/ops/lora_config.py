@@ -98,11 +98,17 @@ def use_row_kernels(num_tokens: int, num_segments: int) -> bool:
             or num_tokens <= ROW_KERNEL_MAX_MEAN_LEN * max(num_segments, 1))
 
 
-def _row_shrink_config(num_tokens: int, in_features: int, max_rank: int) -> ShrinkConfig:
+def _row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
+                       max_rank: int) -> ShrinkConfig:
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))  # rank 128: two rank tiles
+    # Rows that share an adapter read the same A slab (from L2 after the first): half the
+    # programs do (row_probe.json: 4 splits best at bs 64 Uniform and Identical, 8 Distinct).
+    target = ROW_SHRINK_TARGET_PROGRAMS
+    if num_tokens >= 2 * num_segments:
+        target //= 2
     splits = 1
     while (splits * 2 <= MAX_SPLITS
-           and splits * 2 * num_tokens * block_r // 16 <= ROW_SHRINK_TARGET_PROGRAMS
+           and splits * 2 * num_tokens * block_r // 16 <= target
            and in_features // (splits * 2) >= ROW_SHRINK_BLOCK_K
            and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
         splits *= 2
@@ -128,7 +134,7 @@ def shrink_config(num_tokens: int, num_segments: int, in_features: int,
     """Default shrink launch: enough split-K programs to stream A at full bandwidth; the row
     kernel for decode-shaped batches."""
     if use_row_kernels(num_tokens, num_segments):
-        return _row_shrink_config(num_tokens, in_features, max_rank)
+        return _row_shrink_config(num_tokens, num_segments, in_features, max_rank)
     block_m = _block_m(num_tokens, num_segments)
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     tiles = min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
