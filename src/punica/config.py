@@ -22,7 +22,8 @@ class ModelConfig:
     attention_backend: str = "auto"
     """auto (Triton paged kernels on CUDA, torch reference on CPU), triton or torch."""
     enforce_eager: bool = False
-    """Never use CUDA graphs (decode steps are captured per batch-size bucket otherwise)."""
+    """Never use CUDA graphs (otherwise decode steps are captured per batch-size bucket, and
+    mixed steps of up to 512 rows per token and sequence bucket)."""
 
 
 @dataclass(frozen=True)
