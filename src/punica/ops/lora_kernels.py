@@ -67,6 +67,19 @@ def _reduce_splits(v_ptr, vout_ptr, counter_ptr, rows64, offs_r, mask, stride_vs
 
 
 @triton.jit
+def locate_adapter_tile(indptr_ptr, slots_ptr, ranks_ptr, num_segments, num_slots, max_rank,
+                        pid, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(ok, row_start, row_end, slot, rank) of row tile `pid` (BLOCK_M = 1: row `pid`) among the
+    segments with an adapter; ok is false past the last tile or for a slot outside the pool,
+    and the program then has nothing to do."""
+    found, row_start, row_end, _, slot = locate_tile(
+        indptr_ptr, slots_ptr, num_segments, pid, BLOCK_M, BLOCK_S, True)
+    ok = found & (slot < num_slots)
+    rank = tl.minimum(tl.load(ranks_ptr + slot, mask=ok, other=0), max_rank)
+    return ok, row_start, row_end, slot, rank
+
+
+@triton.jit
 def sgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr, indptr_ptr, slots_ptr, ranks_ptr, vout_ptr, counters_ptr,
     num_segments, num_slots, max_rank, K, k_per_split, num_rank_tiles,
@@ -84,11 +97,11 @@ def sgmv_shrink_kernel(
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    found, row_start, row_end, _, slot = locate_tile(
-        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S, True)
-    if not found or slot >= num_slots:
+    ok, row_start, row_end, slot, rank = locate_adapter_tile(
+        indptr_ptr, slots_ptr, ranks_ptr, num_segments, num_slots, max_rank, pid_m, BLOCK_M,
+        BLOCK_S)
+    if not ok:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     r_start = pid_r * BLOCK_R
     if r_start >= rank:
         return
@@ -148,11 +161,11 @@ def sgmv_expand_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    found, row_start, row_end, _, slot = locate_tile(
-        indptr_ptr, slots_ptr, num_segments, pid_m, BLOCK_M, BLOCK_S, True)
-    if not found or slot >= num_slots:
+    ok, row_start, row_end, slot, rank = locate_adapter_tile(
+        indptr_ptr, slots_ptr, ranks_ptr, num_segments, num_slots, max_rank, pid_m, BLOCK_M,
+        BLOCK_S)
+    if not ok:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     scale = tl.load(scales_ptr + slot)
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)

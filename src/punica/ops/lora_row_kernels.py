@@ -7,7 +7,7 @@ Here a program owns one row: the shrink is a GEMV over a K split of A[slot] (par
 tile kernel, the same `v` layout and REDUCE option), the expand multiplies the row's v by a
 [BLOCK_R, BLOCK_N] slab of B[slot] with one wide load per column tile, and rank rows past the
 slot's rank are never loaded. Rows are numbered like the tile kernels' tiles with BLOCK_M = 1
-(`tiles.locate_tile`): grid axis 0 is T, rows of base-only segments exit at once.
+(`lora_kernels.locate_adapter_tile`): grid axis 0 is T, rows of base-only segments exit at once.
 
 Both compute in fp32 (no tensor cores), so fp16/bf16 results differ from the tile kernels' only
 by rounding order.
@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from punica.ops.lora_kernels import _reduce_splits
-from punica.ops.tiles import locate_tile
+from punica.ops.lora_kernels import _reduce_splits, locate_adapter_tile
 
 
 @triton.jit
@@ -39,11 +38,10 @@ def sgmv_shrink_rows_kernel(
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    found, row, _, _, slot = locate_tile(indptr_ptr, slots_ptr, num_segments, pid_m, 1,
-                                         BLOCK_S, True)
-    if not found or slot >= num_slots:
+    ok, row, _, slot, rank = locate_adapter_tile(indptr_ptr, slots_ptr, ranks_ptr, num_segments,
+                                                 num_slots, max_rank, pid_m, 1, BLOCK_S)
+    if not ok:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     r_start = pid_r * BLOCK_R
     if r_start >= rank:
         return
@@ -83,11 +81,10 @@ def sgmv_expand_rows_kernel(
     """y[row, n-tiles] += scale[slot] * v.sum(0)[row, :rank] @ B[slot, :rank, n-tiles]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    found, row, _, _, slot = locate_tile(indptr_ptr, slots_ptr, num_segments, pid_m, 1,
-                                         BLOCK_S, True)
-    if not found or slot >= num_slots:
+    ok, row, _, slot, rank = locate_adapter_tile(indptr_ptr, slots_ptr, ranks_ptr, num_segments,
+                                                 num_slots, max_rank, pid_m, 1, BLOCK_S)
+    if not ok:
         return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     scale = tl.load(scales_ptr + slot)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
