@@ -34,10 +34,9 @@ def small(spec: EngineSpec, blocks: int) -> EngineSpec:
 
 
 @pytest.fixture
-def workers(spec: EngineSpec, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EngineWorker]]:
-    # torch reference ops, as in a real CPU engine (Triton's interpreter, which tests turn on,
-    # is not thread-safe, and the two workers step at the same time)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def workers(spec: EngineSpec) -> Iterator[list[EngineWorker]]:
+    # the two workers' threads step at the same time: under the tests' TRITON_INTERPRET=1 their
+    # interpreted kernels take turns (ops/launch.py), as the interpreter is not thread-safe
     made = [EngineWorker(0, small(spec, 6)), EngineWorker(1, spec)]
     yield made
     for w in made:

@@ -7,6 +7,8 @@ what `kernel[grid](...)` passes for the same tensors.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import triton
@@ -160,6 +162,40 @@ def test_interpreted_kernel_always_runs_the_interpreter() -> None:
             run(x, y)
             assert torch.equal(y, x + n)
         assert not run.is_fast(0)
+
+
+def _program_ids(y_ptr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + pid * BLOCK + offs, offs * 0 + pid * tl.num_programs(0))
+
+
+def test_interpreted_launches_from_threads_take_turns() -> None:
+    # the interpreter keeps the running grid in module state: two engines' threads launching at
+    # once used to fail ("x >= grid_dim[0]") or write another launch's program ids
+    kernel = InterpretedFunction(_program_ids)
+    failures: list[str] = []
+
+    def work(programs: int) -> None:
+        run = KernelLaunch(kernel, (programs,), 1, (), {"BLOCK": 4}, {})
+        for _ in range(30):
+            y = torch.full((programs, 4), -1, dtype=torch.int32)
+            try:
+                run(y)
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(repr(e))
+                return
+            want = (torch.arange(programs, dtype=torch.int32) * programs)[:, None].expand(-1, 4)
+            if not torch.equal(y, want):
+                failures.append(f"grid {programs}: {y[:, 0].tolist()}")
+                return
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (3, 17, 29, 64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
 
 
 def test_constexprs_must_name_the_remaining_parameters(toy: JITFunction) -> None:

@@ -22,6 +22,7 @@ TRITON_DEBUG, Triton instrumentation, or PUNICA_FAST_LAUNCH=0.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -32,6 +33,11 @@ from triton.runtime.jit import JITFunction
 
 FAST_LAUNCH = os.environ.get("PUNICA_FAST_LAUNCH", "1") != "0"
 """Module switch of the direct launches (tests and scripts flip it to compare)."""
+
+_INTERPRETER_LOCK = threading.Lock()
+"""Triton's interpreter keeps the running launch (its grid, the program id) in module state, so
+two threads interpreting kernels at once corrupt each other ("x >= grid_dim[0]"): interpreted
+launches take turns. Compiled launches do not need it."""
 
 P = TypeVar("P")
 _MISSING: Any = object()
@@ -132,9 +138,14 @@ class KernelLaunch:
         return device in self._compiled
 
     def _launch_slow(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        if not self._fast:  # an InterpretedFunction (TRITON_INTERPRET=1)
+            with _INTERPRETER_LOCK:
+                self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs,
+                                       **self.options)
+            return
         compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs,
                                           **self.options)
-        if (self._fast and compiled is not None and _launch_is_plain()
+        if (compiled is not None and _launch_is_plain()
                 and all(t.data_ptr() % 16 == 0 for t in tensors)):
             self._compiled[driver.active.get_current_device()] = (
                 compiled.run, compiled.function, compiled.packed_metadata)
