@@ -2,9 +2,11 @@
 
     python scripts/row_probe.py OUT_DIR      # prints a table, writes OUT_DIR/row_probe.json
 
-Graph time per call over rotating problems (cold weights), rank 16, 4096 -> 11008 fp16: the
-shrink alone and the expand alone over a grid of row-kernel launch parameters, then the pair with
-the best of each, beside the default (tile) pair and the tile pair with reduce.
+Graph time per call over rotating problems (cold weights), 4096 -> 11008 fp16: the shrink alone
+and the expand alone over a grid of row-kernel launch parameters (register tiles of 1/2/4 x
+16 x 256 for the shrink's accumulator, 1/2 x 16 x 1024 elements for the expand's slab, with and
+without the expand's prefetch), then the pair with the best of each, beside the default pair
+(`tile_pair_us`: add_lora's default configs) and it with reduce.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from punica.bench.timing import copy_bandwidth_TBps, graph_us, run_info
 from punica.ops import lora
 
 IN_F, OUT_F = 4096, 11008
-CASES = [lc.Case("distinct", bs, 16) for bs in (1, 8, 64, 128)] + [
+CASES = [lc.Case("distinct", bs, 16) for bs in (1, 8, 32, 64, 128)] + [
     lc.Case(m, 64, 16) for m in ("uniform", "identical")] + [
-    lc.Case("identical", 1, 16), lc.Case("distinct", 64, 64)]
+    lc.Case("identical", 1, 16), lc.Case("distinct", 64, 32), lc.Case("distinct", 64, 64)]
 
 
 def shrink_only(b: lc.Bench, c: lc.Call, cfg: lora.ShrinkConfig) -> None:
@@ -50,16 +52,19 @@ def probe(case: lc.Case) -> dict[str, object]:
     row["tile_pair_us"] = timed(b, lambda b, c: lc.ours(b, c))
     row["tile_reduce_pair_us"] = timed(b, lambda b, c: lc.ours(b, c, reduce=True))
     shrinks = {}
-    for splits, block_k, warps in itertools.product((4, 8, 16), (256, 512), (4, 8)):
-        cfg = lora.ShrinkConfig(block_m=1, block_r=max(16, R), block_k=block_k,
+    block_r = min(64, max(16, R))
+    for splits, acc, warps in itertools.product((4, 8, 16), (1, 2, 4), (4, 8)):
+        block_k = acc * 16 * 256 // block_r
+        cfg = lora.ShrinkConfig(block_m=1, block_r=block_r, block_k=block_k,
                                 num_splits=splits, num_warps=warps)
         if IN_F // splits < block_k:
             continue
         shrinks[cfg] = timed(b, shrink_only, cfg)
     expands = {}
-    for block_n, warps, tiles in itertools.product((256, 512, 1024), (4, 8), (1, 2)):
+    for slab, warps, tiles, prefetch in itertools.product((1, 2), (4, 8), (1, 2), (True, False)):
+        block_n = slab * 16 * 1024 // max(16, R)
         cfg = lora.ExpandConfig(block_m=1, block_n=block_n, block_r=max(16, R),
-                                tiles_per_program=tiles, num_warps=warps)
+                                tiles_per_program=tiles, num_warps=warps, prefetch=prefetch)
         expands[cfg] = timed(b, expand_only, cfg, 4)
     best_s = sorted(shrinks, key=shrinks.get)[:3]
     best_e = min(expands, key=expands.get)

@@ -100,11 +100,12 @@ def test_launch_configs_agree(device: torch.device, num_splits: int, block_m: in
 
 
 def row_configs(num_splits: int, block_r: int, tiles_per_program: int = 1,
-                reduce: bool = False) -> tuple[lora.ShrinkConfig, lora.ExpandConfig]:
+                reduce: bool = False, prefetch: bool = True,
+                ) -> tuple[lora.ShrinkConfig, lora.ExpandConfig]:
     return (lora.ShrinkConfig(block_m=1, block_r=block_r, block_k=32, num_splits=num_splits,
                               reduce=reduce),
             lora.ExpandConfig(block_m=1, block_n=32, block_r=block_r,
-                              tiles_per_program=tiles_per_program))
+                              tiles_per_program=tiles_per_program, prefetch=prefetch))
 
 
 @pytest.mark.parametrize("bs", (1, 3, 16, 33))
@@ -117,6 +118,17 @@ def test_row_kernels_match_reference(device: torch.device, dtype: torch.dtype, m
     p = problem_for_mix(gen, device, dtype, mix, bs, in_features=96, out_features=80,
                         max_rank=64)
     assert_matches(p, *run_kernels(p, *row_configs(3, 64, tiles_per_program=2)))
+
+
+@pytest.mark.parametrize("tiles_per_program", (1, 3))
+@pytest.mark.parametrize("mix", MIXES)
+def test_row_expand_without_prefetch(device: torch.device, mix: str,
+                                     tiles_per_program: int) -> None:
+    """The row expand that loads each B slab when it is summed (PREFETCH off)."""
+    gen = torch.Generator().manual_seed(seed_of("noprefetch", mix, tiles_per_program))
+    p = problem_for_mix(gen, device, torch.float16, mix, 17, in_features=64, out_features=112,
+                        max_rank=32)
+    assert_matches(p, *run_kernels(p, *row_configs(2, 32, tiles_per_program, prefetch=False)))
 
 
 @pytest.mark.parametrize("rank", (1, 8, 16, 32, 64, 128))

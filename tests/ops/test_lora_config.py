@@ -56,12 +56,25 @@ def test_expand_holds_the_whole_rank_and_shrinks_tiles_as_it_grows() -> None:
     assert lora.expand_config(64, 64, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 2)
     assert lora.expand_config(64, 8, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 1)
     assert lora.expand_config(8, 8, 11008, 16) == lora.ExpandConfig(1, 512, 16, 1)
-    assert lora.expand_config(64, 64, 11008, 128) == lora.ExpandConfig(1, 512, 128, 2)
+    assert lora.expand_config(32, 32, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 1)
+    # register tiles of at most 16 x 1024 (tests/ops/test_kernel_resources.py)
+    assert lora.expand_config(64, 64, 11008, 32) == lora.ExpandConfig(1, 512, 32, 2)
+    assert lora.expand_config(64, 64, 11008, 64) == lora.ExpandConfig(1, 256, 64, 2)
+    assert lora.expand_config(64, 64, 11008, 128) == lora.ExpandConfig(1, 128, 128, 2)
     assert lora.expand_config(512, 32, 11008, 16) == lora.ExpandConfig(16, 256, 16, 5)
     assert lora.expand_config(512, 32, 11008, 32) == lora.ExpandConfig(16, 256, 32, 5)
     assert lora.expand_config(512, 32, 11008, 128) == lora.ExpandConfig(16, 64, 128, 8)
+    assert lora.expand_config(512, 1, 11008, 128) == lora.ExpandConfig(64, 64, 128, 3,
+                                                                       num_warps=8)
     assert lora.expand_config(512, 32, 11008, 100).block_r == 128
     assert lora.expand_config(4096, 1, 11008, 16).block_n == 128
+
+
+def test_row_shrink_accumulator_stays_16_x_256() -> None:
+    for rank, block_r, block_k in ((8, 16, 256), (16, 16, 256), (32, 32, 128), (64, 64, 64),
+                                   (128, 64, 64)):
+        cfg = lora.shrink_config(64, 64, 4096, rank)
+        assert (cfg.block_m, cfg.block_r, cfg.block_k) == (1, block_r, block_k)
 
 
 def test_configs_refuse_bad_blocks() -> None:

@@ -31,6 +31,12 @@ ROW_KERNEL_MAX_MEAN_LEN = 4
 # 16 at bs <= 32 were the fastest measured).
 ROW_SHRINK_TARGET_PROGRAMS = 512
 ROW_SHRINK_BLOCK_K = 256
+# Register tiles of the row kernels, in elements. sm_90 ptxas (scripts/kernel_resources.py): a
+# shrink accumulator of 64 x 256 took 255 registers per thread (one 4-warp program per SM); an
+# expand slab of 64 x 1024, held twice by the prefetch, spilled 7 KB per thread and ran 10x slower
+# (rank 64, lora_op.json). Rank tiles past 16 get proportionally narrower K / N tiles.
+ROW_SHRINK_TILE = 16 * ROW_SHRINK_BLOCK_K
+ROW_EXPAND_TILE = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class ExpandConfig:
     use_pdl: bool | None = False
     """Overlap launch and tile lookup with the previous kernel: valid only right after
     sgmv_shrink (add_lora turns it on there). None = on where supported."""
+    prefetch: bool = True
+    """Row kernel only: load B and y ahead (before the PDL wait, the next tile in the loop)."""
 
     def __post_init__(self) -> None:
         _check_blocks(self.block_m, self.block_r)
@@ -116,15 +124,16 @@ def _row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
     while (splits < 4 and in_features // (splits * 2) >= ROW_SHRINK_BLOCK_K
            and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
         splits *= 2
-    return ShrinkConfig(block_m=1, block_r=block_r, block_k=ROW_SHRINK_BLOCK_K,
+    return ShrinkConfig(block_m=1, block_r=block_r, block_k=ROW_SHRINK_TILE // block_r,
                         num_splits=splits)
 
 
 def _row_expand_config(num_tokens: int, num_segments: int, max_rank: int) -> ExpandConfig:
     block_r = max(16, triton.next_power_of_2(max_rank))
-    block_n = min(512 if num_tokens <= 8 else 1024, 65536 // block_r)
-    # Two column tiles per program helped only where every row reads its own B (distinct).
-    tiles = 2 if num_segments >= 32 and num_segments * 2 > num_tokens else 1
+    block_n = min(512 if num_tokens <= 8 else 1024, ROW_EXPAND_TILE // block_r)
+    # Two column tiles per program helped only where every row reads its own B (distinct, bs 64
+    # and 128 measured); at bs 32 the pair of prefetched 16 x 1024 slabs spilled (sm_90 ptxas).
+    tiles = 2 if num_segments >= 64 and num_segments * 2 > num_tokens else 1
     return ExpandConfig(block_m=1, block_n=block_n, block_r=block_r, tiles_per_program=tiles)
 
 
@@ -157,8 +166,10 @@ def expand_config(num_tokens: int, num_segments: int, out_features: int,
     block_n = max(32, min(256 if block_m == 16 else 128, 8192 // block_r))
     tiles = grid_rows(num_tokens, num_segments, block_m) * triton.cdiv(out_features, block_n)
     per_program = max(1, min(8, tiles // EXPAND_TARGET_PROGRAMS))
+    # A 64 x 128 fp32 v tile spilled ~1 KB per thread with 4 warps, none with 8 (sm_90 ptxas).
+    warps = 8 if block_m * block_r > 4096 else 4
     return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r,
-                        tiles_per_program=per_program)
+                        tiles_per_program=per_program, num_warps=warps)
 
 
 def workspace_numel(max_tokens: int, max_rank: int) -> int:

@@ -157,7 +157,9 @@ def expand_plan(v: torch.Tensor, B_pool: torch.Tensor, indptr: torch.Tensor,
         NUM_SPLITS=v.shape[0], BLOCK_N=config.block_n, BLOCK_R=config.block_r,
         BLOCK_S=block_s(num_segments), USE_PDL=pdl)
     kernel = sgmv_expand_rows_kernel
-    if config.block_m != 1:
+    if config.block_m == 1:
+        flags.update(PREFETCH=config.prefetch)
+    else:
         kernel = sgmv_expand_kernel
         flags.update(BLOCK_M=config.block_m, PRECISION=_precision(y.dtype))
     launch = KernelLaunch(kernel, grid, 7, scalars, flags, _launch_opts(config, pdl))

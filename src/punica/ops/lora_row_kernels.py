@@ -76,9 +76,14 @@ def sgmv_expand_rows_kernel(
     num_segments, num_slots, max_rank, N, tiles_per_program,
     stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
     NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """y[row, n-tiles] += scale[slot] * v.sum(0)[row, :rank] @ B[slot, :rank, n-tiles]."""
+    """y[row, n-tiles] += scale[slot] * v.sum(0)[row, :rank] @ B[slot, :rank, n-tiles].
+
+    PREFETCH: load the first B slab and y row before waiting for the shrink (PDL) and each next
+    tile while the current one is summed; it holds two tiles in registers (see the tile caps in
+    lora_config.py).
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     ok, row, _, slot, rank = locate_adapter_tile(indptr_ptr, slots_ptr, ranks_ptr, num_segments,
@@ -92,11 +97,13 @@ def sgmv_expand_rows_kernel(
     b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br
     y_row = y_ptr + row64 * stride_ym
     offs_n = pid_n * tiles_per_program * BLOCK_N + tl.arange(0, BLOCK_N)
-    # The first B slab and y row do not depend on the shrink: load them before the wait, so
-    # their latency overlaps the shrink (y is complete: see the PDL note in lora_kernels.py).
     mask_n = offs_n < N
-    b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
+    if PREFETCH:
+        # B and y do not depend on the shrink: their latency overlaps it (y is complete: see the
+        # PDL note in lora_kernels.py).
+        b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                         other=0.0)
+        y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
     if USE_PDL:
         gdc_wait()  # v is the shrink's output
     v_ptrs = v_ptr + row64 * stride_vm + offs_r
@@ -105,11 +112,17 @@ def sgmv_expand_rows_kernel(
         v += tl.load(v_ptrs + split * stride_vs, mask=mask_r, other=0.0)
     v = v * scale
     for i in range(0, tiles_per_program):
+        if not PREFETCH:
+            b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                             other=0.0)
+            y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
         acc = tl.sum(b_tile.to(tl.float32) * v[:, None], axis=0)
         tl.store(y_row + offs_n, (y_vec.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
                  mask=mask_n)
-        offs_n += BLOCK_N  # prefetch the next tile; after the program's last, nothing
-        mask_n = (offs_n < N) & (i + 1 < tiles_per_program)
-        b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
-                         other=0.0)
-        y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
+        offs_n += BLOCK_N
+        mask_n = offs_n < N
+        if PREFETCH:  # the next tile; after the program's last, nothing
+            mask_next = mask_n & (i + 1 < tiles_per_program)
+            b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_next[None, :],
+                             other=0.0)
+            y_vec = tl.load(y_row + offs_n, mask=mask_next, other=0.0)

@@ -1,0 +1,52 @@
+"""The default SGMV launches compile for sm_90 without register spills (ptxas, offline: no GPU).
+
+A spill puts local-memory traffic on every tile of a bandwidth-bound kernel: the prefetching row
+expand with a 64 x 1024 slab spilled 7 KB per thread and ran 10x slower at rank 64 on the H200
+(benchmarks/results/lora_op.json). The configs cap their register tiles (lora_config.py); this
+checks every default launch of the decode and prefill shapes below. The compiles run in a
+subprocess without TRITON_INTERPRET (the tests' kernels are interpreted objects).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from punica.ops.resources import PTXAS
+
+pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
+
+DECODE = dict(ranks="8,16,32,64,128", batches="1,8,32,64,128")
+PREFILL = dict(ranks="16,128", batches="512")
+
+
+def report(ranks: str, batches: str) -> list[dict[str, object]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "punica.ops.resources", "--json", "--ranks",
+                          ranks, "--batches", batches], env=env, capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict[str, object]]:
+    return report(**DECODE) + report(**PREFILL)
+
+
+def test_every_case_compiled_a_shrink_and_an_expand(rows: list[dict[str, object]]) -> None:
+    cases = {(r["rank"], r["batch"], r["mix"]) for r in rows}
+    assert len(cases) == 5 * 5 * 2 + 2 * 2
+    for case in cases:
+        kernels = sorted(str(r["kernel"]).split("_")[1] for r in rows
+                         if (r["rank"], r["batch"], r["mix"]) == case)
+        assert kernels == ["expand", "shrink"], case
+
+
+def test_default_launches_do_not_spill(rows: list[dict[str, object]]) -> None:
+    spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert spilled == []
+    assert all(0 < int(r["registers"]) <= 255 for r in rows)
