@@ -113,7 +113,8 @@ def test_bad_arguments_are_named(device: torch.device) -> None:
     with pytest.raises(ValueError, match=r"^block_tables.dtype: expected torch.int32"):
         attn.paged_prefill(c["q"], c["k_cache"], c["v_cache"], c["cu_t"], c["seq_lens_t"],
                            c["tables_t"].long(), 1.0, out)
-    with pytest.raises(ValueError, match=rf"^block_tables.device: expected {device}, got meta"):
+    where = c["q"].device  # with its index on a GPU: cuda:0
+    with pytest.raises(ValueError, match=rf"^block_tables.device: expected {where}, got meta"):
         attn.paged_decode(c["q"][:1], c["k_cache"], c["v_cache"], c["seq_lens_t"],
                           c["tables_t"].to("meta"), 1.0, out[:1])
     with pytest.raises(ValueError, match=r"^k_cache.dtype"):
