@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -193,3 +194,5 @@ def test_killed_engine_loses_no_request(local_ray: None, spec: EngineSpec,
     recovered = [p for p in cluster.stats.placements if p.why == "recovered"]
     assert sorted(p.request_id for p in recovered) == rids[:2]
     assert {p.engine_id for p in recovered} == {1}
+    by_engine = Counter(p.engine_id for p in cluster.stats.placements)
+    assert status["placements_per_engine"] == {str(e): by_engine[e] for e in (0, 1)}

@@ -18,6 +18,18 @@ def test_bench_serve_smoke(server: Running, tmp_path: Path) -> None:
     assert result["ok"] == result["requests"] == 12
     assert result["ttft_s"]["p50"] > 0 and result["e2e_s"]["p99"] >= result["e2e_s"]["p50"]
     assert result["output_tok_s"] > 0 and result["command"].startswith("punica bench serve")
+    assert result["errors"] == {} and result["error_sample"] is None
+    assert len(result["per_request"]) == 12 and (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_failed_requests_are_counted_by_status(server: Running, tmp_path: Path) -> None:
+    # token ids past the test model's vocabulary: every request is refused with 400
+    rc = main(["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--rate", "0",
+               "--num-requests", "4", "--mix", "identical", "--maxlen", "40", "--vocab",
+               "100000", "--seed", "3", "--out-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert rc == 1 and result["ok"] == 0 and result["errors"] == {"400": 4}
+    assert "token ids" in result["error_sample"] and result["per_request"] == []
 
 
 def test_random_weights_server_with_random_adapters(tmp_path: Path) -> None:

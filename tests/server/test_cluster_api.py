@@ -17,6 +17,7 @@ def status(url: str) -> dict:
 
 def test_status_shows_the_busy_engine_and_the_idle_one(cluster_server: Running) -> None:
     url = cluster_server.url
+    placed = status(url)["placements_per_engine"]  # the session's server served other tests
     body = {"model": "qv8", "prompt": [4, 5, 6], "max_tokens": 50, "temperature": 0.0,
             "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
@@ -37,3 +38,4 @@ def test_status_shows_the_busy_engine_and_the_idle_one(cluster_server: Running) 
         time.sleep(0.2)
     assert idle["idle_engines"] == [0, 1] and idle["in_flight"] == 0 and idle["queued"] == 0
     assert all(e["alive"] and e["running"] == 0 for e in idle["engines"])
+    assert idle["placements_per_engine"] == {"0": placed["0"] + 1, "1": placed["1"]}

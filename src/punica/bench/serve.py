@@ -4,7 +4,8 @@
                        [--mix distinct] [--maxlen 2048] [--api-key KEY]
 
 Requests use token-id prompts (lengths from the Punica workload) and stream; TTFT, TPOT and
-end-to-end latency percentiles and throughput go to serve.json.
+end-to-end latency percentiles, throughput, failed requests by HTTP status (with one sample
+message) and each request's latencies go to serve.json, their distributions to serve.png.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -33,7 +35,8 @@ async def one(client: httpx.AsyncClient, model: str, prompt: list[int], max_toke
     first, tokens = None, 0
     async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
-            return {"error": float(r.status_code)}
+            body = (await r.aread()).decode(errors="replace")
+            return {"error": float(r.status_code), "message": body[:300]}
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -82,14 +85,43 @@ async def run(args: argparse.Namespace) -> dict:
         wall = time.perf_counter() - start
         bar.close()
     ok = [r for r in results if "error" not in r]
+    failed = [r for r in results if "error" in r]
     out_tokens = sum(r["tokens"] for r in ok)
     return {"mix": args.mix, "rate": args.rate, "requests": len(results), "ok": len(ok),
+            "errors": dict(Counter(str(int(r["error"])) for r in failed)),
+            "error_sample": failed[0]["message"] if failed else None,
             "adapters_used": len({ids[i] % len(adapters) for i in range(len(ids))}),
             "wall_s": wall, "tok_s": (out_tokens + sum(r["prompt"] for r in ok)) / wall,
             "output_tok_s": out_tokens / wall,
             "ttft_s": percentiles([r["ttft"] for r in ok]),
             "tpot_s": percentiles([r["tpot"] for r in ok if r["tokens"] > 1]),
-            "e2e_s": percentiles([r["e2e"] for r in ok])}
+            "e2e_s": percentiles([r["e2e"] for r in ok]),
+            "per_request": [{k: r[k] for k in ("ttft", "tpot", "e2e", "tokens", "prompt")}
+                            for r in ok]}
+
+
+def plot(summary: dict, path: Path) -> None:
+    """serve.png: distributions of time to first token and time per output token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["per_request"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "ttft", "time to first token (ms)"),
+                           (axes[1], "tpot", "time per output token (ms)")):
+        values = sorted(r[key] * 1e3 for r in rows if key != "tpot" or r["tokens"] > 1)
+        ax.plot(values, [(i + 1) / len(values) for i in range(len(values))])
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"bench serve: {summary['mix']}, {summary['rate']:g} req/s, "
+                 f"{summary['ok']}/{summary['requests']} ok, "
+                 f"{summary['output_tok_s']:.0f} output tok/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary, indent=1))
+    if summary["per_request"]:
+        plot(summary, out / "serve.png")
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_request"}, indent=1))
     return 0 if summary["ok"] == summary["requests"] else 1
 
 

@@ -82,6 +82,8 @@ class _Request:
 class _Counters:
     migrations: int = 0
     recoveries: int = 0
+    placed: Counter[int] = field(default_factory=Counter)
+    """Placements per engine id since start (first placements, migrations and recoveries)."""
     placements: deque[Placement] = field(default_factory=lambda: deque(maxlen=PLACEMENT_LOG))
 
 
@@ -223,6 +225,7 @@ class ClusterEngine:
             self.actors[eid].add.remote(number, request.tag, request.prompt_ids,
                                         request.params, request.adapter, request.last)
             self.stats.placements.append(Placement(request.rid, eid, request.why))
+            self.stats.placed[eid] += 1
 
     async def _pump(self, eid: int) -> None:
         actor = self.actors[eid]
@@ -321,4 +324,6 @@ class ClusterEngine:
         return {"engines": engines,
                 "idle_engines": [e["engine_id"] for e in engines if e["idle"]],
                 "queued": len(self._queue), "in_flight": len(self._requests),
-                "migrations": self.stats.migrations, "recoveries": self.stats.recoveries}
+                "migrations": self.stats.migrations, "recoveries": self.stats.recoveries,
+                "placements_per_engine": {str(e): self.stats.placed[e]
+                                          for e in range(len(self._loads))}}
