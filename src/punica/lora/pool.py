@@ -1,10 +1,14 @@
-"""The adapter weight pool: one preallocated [num_slots, max_rank, features] A and B tensor per
-(layer, projection), plus per-slot ranks and scales, indexed by int32 slot.
+"""The adapter weight pool: per layer, one preallocated A and B tensor per LoRA group (the
+projections of one fused GEMM: q/k/v, o, gate/up, down; `arch.LORA_GROUPS`), plus per-slot ranks
+and scales per projection, indexed by int32 slot.
 
-Loading adapter weights into a slot is one copy per pool (A_pool[slot, :r] = lora_A,
-B_pool[slot, :r] = lora_B.T); a projection the adapter does not target gets rank 0 there (the
-kernels then leave its rows untouched). Which adapter owns which slot is decided by the
-tensor-free AdapterSlots; this class only holds and fills tensors.
+Layout (the sliced add_lora of `ops/lora.py`): a group of S projections with per-projection max
+rank R has A [num_slots, S*R, in] (projection i in rows i*R..) and B [num_slots, R, sum(out)]
+(projection i in its output columns). Loading adapter weights into a slot is one copy per
+projection: A[slot, i*R : i*R + r] = lora_A, B[slot, :r, cols_i] = lora_B.T; a projection the
+adapter does not target gets rank 0 there (the kernels then skip it; rows past a rank are never
+read, so a slot's earlier contents need no clearing). Which adapter owns which slot is decided by
+the tensor-free AdapterSlots; this class only holds and fills tensors.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from punica.lora.peft import AdapterWeights
-from punica.models.arch import PROJECTIONS, ModelArch
+from punica.models.arch import LORA_GROUPS, PROJECTIONS, ModelArch
 from punica.ops import lora as lora_ops
+
+MAX_GROUP = max(len(projs) for _, projs in LORA_GROUPS)
 
 
 class LoraPool:
@@ -24,43 +30,59 @@ class LoraPool:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.backend = backend
         """auto: Triton kernels on CUDA, torch reference on CPU; torch: the reference anywhere."""
+        # proj -> (group, index in the group, first output column, width)
+        self.place: dict[str, tuple[str, int, int, int]] = {}
+        self.slices: dict[str, tuple[int, ...]] = {}
+        """Output widths per group for add_lora (() for a single projection)."""
+        self.first: dict[str, int] = {}
+        """Index in PROJECTIONS (and the ranks / scales tables) of each group's first member."""
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for group, projs in LORA_GROUPS:
+            widths = [arch.proj_shape(p)[1] for p in projs]
+            start = 0
+            for i, (proj, width) in enumerate(zip(projs, widths, strict=True)):
+                self.place[proj] = (group, i, start, width)
+                start += width
+            self.slices[group] = tuple(widths) if len(projs) > 1 else ()
+            self.first[group] = PROJECTIONS.index(projs[0])
+            shapes[group] = (len(projs), arch.proj_shape(projs[0])[0], start)
         self.A: list[dict[str, torch.Tensor]] = []
         self.B: list[dict[str, torch.Tensor]] = []
         for _ in range(arch.num_layers):
-            a_layer, b_layer = {}, {}
-            for proj in PROJECTIONS:
-                in_f, out_f = arch.proj_shape(proj)
-                a_layer[proj] = torch.zeros(num_slots, max_rank, in_f, dtype=dtype,
-                                            device=device)
-                b_layer[proj] = torch.zeros(num_slots, max_rank, out_f, dtype=dtype,
-                                            device=device)
-            self.A.append(a_layer)
-            self.B.append(b_layer)
+            self.A.append({g: torch.zeros(num_slots, n * max_rank, in_f, dtype=dtype,
+                                          device=device) for g, (n, in_f, _) in shapes.items()})
+            self.B.append({g: torch.zeros(num_slots, max_rank, out_f, dtype=dtype,
+                                          device=device) for g, (_, _, out_f) in shapes.items()})
         shape = (arch.num_layers, len(PROJECTIONS), num_slots)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=device)
         self.scales = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.workspace = torch.zeros(lora_ops.workspace_numel(max_tokens, max_rank),
+        self.workspace = torch.zeros(lora_ops.workspace_numel(max_tokens, max_rank, MAX_GROUP),
                                      dtype=torch.float32, device=device)
 
     @property
     def capturable(self) -> bool:
         """Whether add_lora on this pool can be captured in a CUDA graph (the Triton kernels can;
         the torch reference reads ranks on the host)."""
-        return self.backend != "torch" and self.A[0][PROJECTIONS[0]].is_cuda
+        return self.backend != "torch" and self.ranks.is_cuda
 
     def load(self, slot: int, adapter: AdapterWeights) -> None:
         ranks = torch.zeros(self.ranks.shape[:2], dtype=torch.int32)
         scales = torch.zeros(self.scales.shape[:2], dtype=torch.float32)
+        R = self.max_rank
         for (layer, proj), m in adapter.modules.items():
+            group, i, start, width = self.place[proj]
+            self.A[layer][group][slot, i * R: i * R + m.rank].copy_(m.A)
+            self.B[layer][group][slot, : m.rank, start:start + width].copy_(m.B.T)
             p = PROJECTIONS.index(proj)
-            self.A[layer][proj][slot, : m.rank].copy_(m.A)
-            self.B[layer][proj][slot, : m.rank].copy_(m.B.T)
             ranks[layer, p], scales[layer, p] = m.rank, m.scale
         self.ranks[:, :, slot].copy_(ranks)
         self.scales[:, :, slot].copy_(scales)
 
-    def args(self, layer: int, proj: str) -> tuple[torch.Tensor, ...]:
-        """(A_pool, B_pool, ranks, scales) for add_lora."""
-        p = PROJECTIONS.index(proj)
-        return self.A[layer][proj], self.B[layer][proj], self.ranks[layer, p], \
-            self.scales[layer, p]
+    def args(self, layer: int, group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor, tuple[int, ...]]:
+        """(A_pool, B_pool, ranks, scales, slices) of a LoRA group for add_lora: ranks and
+        scales [S, num_slots] for a group of S > 1 projections, else [num_slots]."""
+        p, slices = self.first[group], self.slices[group]
+        rows = slice(p, p + len(slices)) if slices else p
+        return self.A[layer][group], self.B[layer][group], self.ranks[layer, rows], \
+            self.scales[layer, rows], slices

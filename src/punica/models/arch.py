@@ -14,6 +14,10 @@ from punica.errors import ModelLoadError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# Projections that read the same input and write side by side into one fused GEMM output: their
+# LoRA deltas run as one sliced add_lora (ops/lora.py). In PROJECTIONS order, each contiguous.
+LORA_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv", ("q", "k", "v")), ("o", ("o",)), ("gate_up", ("gate", "up")), ("down", ("down",)))
 
 
 @dataclass(frozen=True)

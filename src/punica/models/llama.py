@@ -60,28 +60,20 @@ FUSED_PROJECTIONS = {
 }
 
 
-def _add_lora(y: torch.Tensor, x: torch.Tensor, ctx: StepContext, layer: int,
-              proj: str) -> None:
-    """y += the batch's LoRA deltas of `proj` (y may be a column slice of a fused output)."""
+def _project(linear: nn.Linear, x: torch.Tensor, ctx: StepContext, layer: int,
+             group: str) -> torch.Tensor:
+    """x @ W.T (+ bias), plus the batch's LoRA deltas of the projections of `group`
+    (arch.LORA_GROUPS), each into its column slice of the output: one add_lora call."""
+    y = F.linear(x, linear.weight, linear.bias)
     if ctx.lora is None:
-        return
-    A, B, ranks, scales = ctx.lora.args(layer, proj)
+        return y
+    A, B, ranks, scales, slices = ctx.lora.args(layer, group)
     b = ctx.batch
     if ctx.lora.backend == "torch":
-        add_lora_ref(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales)
+        add_lora_ref(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales, slices)
     else:
-        add_lora(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales,
-                 ctx.lora.workspace, check_values=False)
-
-
-def _project(linear: nn.Linear, x: torch.Tensor, ctx: StepContext, layer: int,
-             projs: tuple[tuple[str, int], ...]) -> torch.Tensor:
-    """x @ W.T (+ bias) and each (projection, width) column slice's LoRA, left to right."""
-    y = F.linear(x, linear.weight, linear.bias)
-    start = 0
-    for proj, width in projs:
-        _add_lora(y[:, start:start + width], x, ctx, layer, proj)
-        start += width
+        add_lora(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales, ctx.lora.workspace,
+                 check_values=False, slices=slices)
     return y
 
 
@@ -92,7 +84,6 @@ class Attention(nn.Module):
         h, d = arch.hidden_size, arch.head_dim
         self.q_size, self.kv_size = arch.num_heads * d, arch.num_kv_heads * d
         self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
-        self.qkv_slices = (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
         self.o_proj = nn.Linear(arch.num_heads * d, h, bias=False)
         if arch.qk_norm:
             self.q_norm = RMSNorm(d, arch.rms_norm_eps)
@@ -100,7 +91,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         a, b, n = self.arch, ctx.batch, x.shape[0]
-        qkv = _project(self.qkv_proj, x, ctx, self.layer, self.qkv_slices)
+        qkv = _project(self.qkv_proj, x, ctx, self.layer, "qkv")
         qs, ks = self.q_size, self.kv_size
         q = qkv[:, :qs].view(n, a.num_heads, a.head_dim)
         k = qkv[:, qs:qs + ks].view(n, a.num_kv_heads, a.head_dim)
@@ -124,7 +115,7 @@ class Attention(nn.Module):
             write_kv(k_cache, v_cache, k, v, b.slot_mapping)
             out = paged_attention_ref(q, k_cache, v_cache, b.cu_seqlens_q, b.seq_lens,
                                       b.block_tables, scale)
-        return _project(self.o_proj, out.view(n, -1), ctx, self.layer, (("o", a.hidden_size),))
+        return _project(self.o_proj, out.view(n, -1), ctx, self.layer, "o")
 
 
 class MLP(nn.Module):
@@ -133,14 +124,12 @@ class MLP(nn.Module):
         self.layer, i = layer, arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * i, bias=False)
         self.down_proj = nn.Linear(i, arch.hidden_size, bias=False)
-        self.gate_up_slices = (("gate", i), ("up", i))
-        self.down_slices = (("down", arch.hidden_size),)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        gate_up = _project(self.gate_up_proj, x, ctx, self.layer, self.gate_up_slices)
+        gate_up = _project(self.gate_up_proj, x, ctx, self.layer, "gate_up")
         i = gate_up.shape[1] // 2
         act = fused.silu_and_mul(gate_up[:, :i], gate_up[:, i:])
-        return _project(self.down_proj, act, ctx, self.layer, self.down_slices)
+        return _project(self.down_proj, act, ctx, self.layer, "down")
 
 
 class DecoderLayer(nn.Module):

@@ -15,6 +15,7 @@ import os
 import torch
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SLICES = 3  # LoRA slices of one fused projection (q/k/v); the expand's column bounds
 
 
 def expect(ok: bool, name: str, expected: str, got: object) -> None:
@@ -54,11 +55,37 @@ def check_vector(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.d
         expect(t.numel() == numel, f"{name}.numel()", str(numel), t.numel())
 
 
+def check_slice_table(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device,
+                      num_slices: int, num_slots: int) -> None:
+    """Per-slot values of each LoRA slice: [num_slots] for one slice, else [num_slices,
+    num_slots] with contiguous rows (any row stride)."""
+    if num_slices == 1:
+        check_vector(name, t, dtype, device, num_slots)
+        return
+    expect(tuple(t.shape) == (num_slices, num_slots), f"{name}.shape",
+           f"[num_slices, num_slots] = {[num_slices, num_slots]}", list(t.shape))
+    expect(t.dtype == dtype, f"{name}.dtype", str(dtype), t.dtype)
+    expect(t.device == device, f"{name}.device", str(device), t.device)
+    expect(t.stride(1) == 1, f"{name}.stride(1)", "1 (rows contiguous)", t.stride(1))
+
+
 def check_segments(indptr: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
-                   device: torch.device, num_slots: int) -> None:
+                   device: torch.device, num_slots: int, num_slices: int = 1) -> None:
     check_vector("slots", slots, torch.int32, device)
     check_vector("indptr", indptr, torch.int32, device, slots.numel() + 1)
-    check_vector("ranks", ranks, torch.int32, device, num_slots)
+    check_slice_table("ranks", ranks, torch.int32, device, num_slices, num_slots)
+
+
+def check_slices(slices: tuple[int, ...], out_features: int) -> int:
+    """The number of LoRA slices of `slices` (output widths; () = one slice of all columns)."""
+    if not slices:
+        return 1
+    expect(2 <= len(slices) <= MAX_SLICES, "len(slices)", f"2..{MAX_SLICES} (or () for one)",
+           len(slices))
+    expect(all(w >= 1 for w in slices), "slices", "positive widths", slices)
+    expect(sum(slices) == out_features, "sum(slices)", f"the output width {out_features}",
+           sum(slices))
+    return len(slices)
 
 
 def check_workspace(v: torch.Tensor, num_tokens: int, max_rank: int,
@@ -81,10 +108,11 @@ def check_values(indptr: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
     bad = [i for i in range(len(bounds) - 1) if bounds[i + 1] < bounds[i]]
     expect(not bad, "indptr", "a non-decreasing sequence", f"a decrease after index {bad[:1]}")
     expect(bounds[-1] <= num_tokens, "indptr[-1]", f"<= num_tokens ({num_tokens})", bounds[-1])
-    num_slots = ranks.numel()
+    num_slots = ranks.shape[-1]
     out = [w for w in slots.tolist() if not -1 <= w < num_slots]
     expect(not out, "slots", f"values in [-1, {num_slots}) (-1 = no adapter)", out[:4])
-    over = [(w, r) for w, r in enumerate(ranks.tolist()) if not 0 <= r <= max_rank]
+    flat = ranks.reshape(-1).tolist()
+    over = [(i % num_slots, r) for i, r in enumerate(flat) if not 0 <= r <= max_rank]
     expect(not over, "ranks", f"values in [0, {max_rank}] (the pool's max_rank)",
            f"(slot, rank) {over[:4]}")
 

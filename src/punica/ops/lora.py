@@ -10,6 +10,9 @@ with r = ranks[w], pools [num_slots, max_rank (R), features] indexed by int32 sl
 split-K partials (see `lora_kernels.py`). Loading an adapter into slot w is one copy per pool:
 ``A_pool[w, :r] = lora_A.weight`` and ``B_pool[w, :r] = lora_B.weight.T``.
 
+`add_lora(..., slices=...)` adds the deltas of up to three projections that share x and write
+side by side into y (a fused q/k/v or gate/up GEMM output) in one shrink + expand pair.
+
 No call allocates or syncs with the host (value checks aside: `checks.py`), so every call is
 capturable in a CUDA graph. On CPU tensors `add_lora` runs the torch reference; the Triton wrappers
 also run on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests the kernels).
@@ -126,20 +129,29 @@ def add_lora(
     check_values: bool | None = None,
     shrink: ShrinkConfig | None = None,
     expand: ExpandConfig | None = None,
+    slices: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """y[rows] += scales[w] * (x[rows] @ A_pool[w, :r].T) @ B_pool[w, :r] per segment, in place.
 
     CUDA: shrink + expand kernels; `workspace` is a zeroed float32 buffer of at least
-    `workspace_numel(T, max_rank)` elements, allocated once by the caller (required on CUDA);
-    `shrink` / `expand` override the default launches (e.g. reduce=True, the row kernels).
+    `workspace_numel(T, max_rank, len(slices) or 1)` elements, allocated once by the caller
+    (required on CUDA); `shrink` / `expand` override the default launches (e.g. reduce=True).
     CPU: the torch reference (`workspace` unused). Returns y.
+
+    LoRA slices: projections that read x and write side by side into y (a fused q/k/v or
+    gate/up output) in one call. slices = (out_0, ..., out_{S-1}) (2 <= S <= 3, summing to y's
+    width); slice s (columns c_s = sum(out_:s) .. + out_s, rank r = ranks[s, w], R the per-slice
+    max rank) is
+        y[rows, c_s] += scales[s, w] * (x[rows] @ A_pool[w, s*R : s*R + r].T) @ B_pool[w, :r, c_s]
+    with A_pool [num_slots, S*R, in], B_pool [num_slots, R, sum(out)], ranks int32 and scales
+    float32 [S, num_slots] (contiguous rows, the same row stride).
     """
     if x.is_cpu and not chk.interpreting():
-        return add_lora_ref(y, x, A_pool, B_pool, indptr, slots, ranks, scales)
+        return add_lora_ref(y, x, A_pool, B_pool, indptr, slots, ranks, scales, slices)
     key = (sig(y), sig(x), sig(A_pool), sig(B_pool), sig(indptr), sig(slots), sig(ranks),
-           sig(scales), sig(workspace), shrink, expand)
+           sig(scales), sig(workspace), shrink, expand, slices)
     plan = _ADD.get(key, add_lora_plan, y, x, A_pool, B_pool, indptr, slots, ranks, scales,
-                    workspace, shrink, expand)
+                    workspace, shrink, expand, slices)
     s, e = plan.shrink, plan.expand
     if check_values or (check_values is None and plan.cpu):
         chk.check_values(indptr, slots, ranks, s.num_tokens, s.max_rank)

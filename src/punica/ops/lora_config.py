@@ -107,7 +107,7 @@ def use_row_kernels(num_tokens: int, num_segments: int) -> bool:
 
 
 def _row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
-                       max_rank: int) -> ShrinkConfig:
+                       max_rank: int, num_slices: int) -> ShrinkConfig:
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))  # rank 128: two rank tiles
     # Rows that share an adapter read the same A slab (from L2 after the first): half the
     # programs do (row_probe.json: 4 splits best at bs 64 Uniform and Identical, 8 Distinct).
@@ -116,7 +116,7 @@ def _row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
         target //= 2
     splits = 1
     while (splits * 2 <= MAX_SPLITS
-           and splits * 2 * num_tokens * block_r // 16 <= target
+           and splits * 2 * num_tokens * num_slices * block_r // 16 <= target
            and in_features // (splits * 2) >= ROW_SHRINK_BLOCK_K
            and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
         splits *= 2
@@ -139,14 +139,14 @@ def _row_expand_config(num_tokens: int, num_segments: int, max_rank: int) -> Exp
 
 @functools.cache
 def shrink_config(num_tokens: int, num_segments: int, in_features: int,
-                  max_rank: int) -> ShrinkConfig:
+                  max_rank: int, num_slices: int = 1) -> ShrinkConfig:
     """Default shrink launch: enough split-K programs to stream A at full bandwidth; the row
-    kernel for decode-shaped batches."""
+    kernel for decode-shaped batches. `max_rank` is per LoRA slice."""
     if use_row_kernels(num_tokens, num_segments):
-        return _row_shrink_config(num_tokens, num_segments, in_features, max_rank)
+        return _row_shrink_config(num_tokens, num_segments, in_features, max_rank, num_slices)
     block_m = _block_m(num_tokens, num_segments)
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
-    tiles = min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
+    tiles = num_slices * min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
     splits = 1
     while (splits * 2 <= MAX_SPLITS and tiles * splits < SHRINK_TARGET_PROGRAMS
            and in_features // (splits * 2) >= MIN_K_PER_SPLIT
@@ -172,15 +172,18 @@ def expand_config(num_tokens: int, num_segments: int, out_features: int,
                         tiles_per_program=per_program, num_warps=warps)
 
 
-def workspace_numel(max_tokens: int, max_rank: int) -> int:
-    """Float32 elements a workspace needs for any call of up to `max_tokens` rows: split
-    partials, the reduced v, and one int32 arrival counter per (row tile, rank tile)."""
-    return (max(max_tokens, SPLIT_ROWS_BUDGET) * max_rank + max_tokens * max_rank
-            + max_tokens * triton.cdiv(max_rank, 16))
+def workspace_numel(max_tokens: int, max_rank: int, num_slices: int = 1) -> int:
+    """Float32 elements a workspace needs for any call of up to `max_tokens` rows and
+    `num_slices` LoRA slices of rank <= max_rank each: split partials, the reduced v, and one
+    int32 arrival counter per (row tile, rank tile)."""
+    width = num_slices * max_rank
+    return (max(max_tokens, SPLIT_ROWS_BUDGET) * width + max_tokens * width
+            + max_tokens * num_slices * triton.cdiv(max_rank, 16))
 
 
 def workspace_views(workspace: torch.Tensor, num_splits: int, num_tokens: int,
-                    max_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    max_rank: int, num_slices: int = 1,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(v partials [S, T, R], reduced v [1, T, R], counters int32) inside a zeroed workspace.
 
     Partials and v start at the front; the counters sit at the very end, a region that no
@@ -188,10 +191,11 @@ def workspace_views(workspace: torch.Tensor, num_splits: int, num_tokens: int,
     zero between calls: workspaces are allocated with torch.zeros and the kernel resets every
     counter it uses.
     """
-    partials = num_splits * num_tokens * max_rank
-    reduced = num_tokens * max_rank
-    counters = num_tokens * triton.cdiv(max_rank, 16)
-    v = workspace[:partials].view(num_splits, num_tokens, max_rank)
-    v_out = workspace[partials: partials + reduced].view(1, num_tokens, max_rank)
+    width = num_slices * max_rank
+    partials = num_splits * num_tokens * width
+    reduced = num_tokens * width
+    counters = num_tokens * num_slices * triton.cdiv(max_rank, 16)
+    v = workspace[:partials].view(num_splits, num_tokens, width)
+    v_out = workspace[partials: partials + reduced].view(1, num_tokens, width)
     tail = workspace[workspace.numel() - counters:]
     return v, v_out, tail.view(torch.int32)

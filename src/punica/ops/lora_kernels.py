@@ -20,6 +20,13 @@ arrival counter per tile, self-resetting) sums the partials into one v, so the e
 single tile instead of NUM_SPLITS (measured: the partial reads cost the expand 2-4 us at small
 batches).
 
+LoRA slices (sgmv_slices). Projections that read the same input and write side by side into one
+fused output (q/k/v, gate/up) run as one shrink and one expand. With S slices of per-slice max
+rank R: A_pool [num_slots, S*R, in] holds slice s in rows s*R.., v [splits, T, S*R] likewise,
+B_pool [num_slots, R, out] holds slice s in the output columns [n_s, n_{s+1}), and ranks / scales
+are [S, num_slots] (row stride `slice_stride`). The shrink's rank-tile axis enumerates
+S x tiles_per_slice tiles; the expand's grid axis 2 is the slice. One slice: s = 0 everywhere.
+
 Programmatic dependent launch (USE_PDL, Hopper). The shrink waits for the kernels before it
 (`gdc_wait`) and then lets the expand launch, so the expand's launch and tile lookup (segment
 table, ranks, scales: nothing the shrink writes) overlap the shrink; it waits before reading v.
@@ -80,10 +87,19 @@ def locate_adapter_tile(indptr_ptr, slots_ptr, ranks_ptr, num_segments, num_slot
 
 
 @triton.jit
+def slice_columns(ls, n1, n2, N):
+    """[n_lo, n_hi) of LoRA slice `ls` among the output columns: [0, n1), [n1, n2), [n2, N)
+    (one slice: n1 = N)."""
+    n_lo = tl.where(ls == 0, 0, tl.where(ls == 1, n1, n2))
+    n_hi = tl.where(ls == 0, n1, tl.where(ls == 1, n2, N))
+    return n_lo, n_hi
+
+
+@triton.jit
 def sgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr, indptr_ptr, slots_ptr, ranks_ptr, vout_ptr, counters_ptr,
-    num_segments, num_slots, max_rank, K, k_per_split, num_rank_tiles,
-    stride_xm, stride_as, stride_ar, stride_vs, stride_vm, stride_om,
+    num_segments, num_slots, max_rank, K, k_per_split, num_rank_tiles, tiles_per_slice,
+    slice_stride, stride_xm, stride_as, stride_ar, stride_vs, stride_vm, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, USE_PDL: tl.constexpr, REDUCE: tl.constexpr,
@@ -97,19 +113,20 @@ def sgmv_shrink_kernel(
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
+    ls = pid_r // tiles_per_slice  # the LoRA slice of this rank tile (see sgmv_slices)
     ok, row_start, row_end, slot, rank = locate_adapter_tile(
-        indptr_ptr, slots_ptr, ranks_ptr, num_segments, num_slots, max_rank, pid_m, BLOCK_M,
-        BLOCK_S)
+        indptr_ptr, slots_ptr, ranks_ptr + ls * slice_stride, num_segments, num_slots, max_rank,
+        pid_m, BLOCK_M, BLOCK_S)
     if not ok:
         return
-    r_start = pid_r * BLOCK_R
+    r_start = (pid_r - ls * tiles_per_slice) * BLOCK_R
     if r_start >= rank:
         return
     offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_r = r_start + tl.arange(0, BLOCK_R)
+    mask_r = r_start + tl.arange(0, BLOCK_R) < rank
+    offs_r = ls * max_rank + r_start + tl.arange(0, BLOCK_R)  # rows of A, columns of v
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < row_end
-    mask_r = offs_r < rank
     k_start = pid_k * k_per_split
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
     a_ptrs = (a_ptr + slot.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar
@@ -147,7 +164,7 @@ def _load_v(v_ptr, rows64, offs_r, mask, stride_vs, stride_vm, NUM_SPLITS: tl.co
 @triton.jit
 def sgmv_expand_kernel(
     v_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
-    num_segments, num_slots, max_rank, N, tiles_per_program,
+    num_segments, num_slots, max_rank, N, tiles_per_program, slice_stride, n1, n2,
     stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
     NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
@@ -161,12 +178,17 @@ def sgmv_expand_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    ls = tl.program_id(2)  # the LoRA slice (see sgmv_slices)
+    n_lo, n_hi = slice_columns(ls, n1, n2, N)
+    n_first = n_lo + pid_n * tiles_per_program * BLOCK_N
+    if n_first >= n_hi:
+        return
     ok, row_start, row_end, slot, rank = locate_adapter_tile(
-        indptr_ptr, slots_ptr, ranks_ptr, num_segments, num_slots, max_rank, pid_m, BLOCK_M,
-        BLOCK_S)
+        indptr_ptr, slots_ptr, ranks_ptr + ls * slice_stride, num_segments, num_slots, max_rank,
+        pid_m, BLOCK_M, BLOCK_S)
     if not ok:
         return
-    scale = tl.load(scales_ptr + slot)
+    scale = tl.load(scales_ptr + ls * slice_stride + slot)
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < row_end
@@ -174,14 +196,13 @@ def sgmv_expand_kernel(
     rows64 = offs_m.to(tl.int64)
     if USE_PDL:
         gdc_wait()  # v is the shrink's output: everything above it may overlap the shrink
-    v_tile = _load_v(v_ptr, rows64, offs_r, mask_m[:, None] & mask_r[None, :],
+    v_tile = _load_v(v_ptr + ls * max_rank, rows64, offs_r, mask_m[:, None] & mask_r[None, :],
                      stride_vs, stride_vm, NUM_SPLITS)
     b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br
     y_rows = y_ptr + rows64[:, None] * stride_ym
-    n_first = pid_n * tiles_per_program * BLOCK_N
     for i in range(0, tiles_per_program):
         offs_n = n_first + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        mask_n = offs_n < n_hi
         b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
                          other=0.0)
         mask_y = mask_m[:, None] & mask_n[None, :]

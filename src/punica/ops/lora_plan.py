@@ -78,28 +78,36 @@ class ExpandPlan:
     cpu: bool
 
 
+def _slice_stride(table: torch.Tensor, num_slices: int) -> int:
+    return table.stride(0) if num_slices > 1 else 0
+
+
 def shrink_plan(x: torch.Tensor, A_pool: torch.Tensor, indptr: torch.Tensor,
                 slots: torch.Tensor, ranks: torch.Tensor, v: torch.Tensor,
                 config: ShrinkConfig | None, v_out: torch.Tensor | None,
-                counters: torch.Tensor | None) -> ShrinkPlan:
-    """Checks of `sgmv_shrink` (ValueError naming the argument) and its launch."""
+                counters: torch.Tensor | None, num_slices: int = 1) -> ShrinkPlan:
+    """Checks of `sgmv_shrink` (ValueError naming the argument) and its launch; with
+    num_slices > 1, A_pool holds the slices' rows side by side (lora_kernels.py)."""
     chk.check_activation("x", x)
     num_tokens, in_features = x.shape
     chk.check_pool("A_pool", A_pool, x.dtype, x.device, in_features)
-    num_slots, max_rank, _ = A_pool.shape
-    chk.check_segments(indptr, slots, ranks, x.device, num_slots)
-    chk.check_workspace(v, num_tokens, max_rank, x.device)
+    num_slots, width, _ = A_pool.shape
+    chk.expect(width % num_slices == 0, "A_pool.shape[1]",
+               f"num_slices ({num_slices}) x the slice rank", width)
+    max_rank = width // num_slices
+    chk.check_segments(indptr, slots, ranks, x.device, num_slots, num_slices)
+    chk.check_workspace(v, num_tokens, width, x.device)
     num_segments = slots.numel()
     if config is None:
-        config = shrink_config(num_tokens, num_segments, in_features, max_rank)
+        config = shrink_config(num_tokens, num_segments, in_features, max_rank, num_slices)
     chk.expect(v.shape[0] == config.num_splits, "v.shape[0]",
                f"num_splits = {config.num_splits}", v.shape[0])
     if config.reduce:
-        chk.expect(v_out is not None and tuple(v_out.shape) == (1, num_tokens, max_rank)
+        chk.expect(v_out is not None and tuple(v_out.shape) == (1, num_tokens, width)
                    and v_out.dtype == torch.float32 and v_out.is_contiguous(), "v_out",
-                   f"a contiguous float32 [1, {num_tokens}, {max_rank}] tensor (config.reduce)",
+                   f"a contiguous float32 [1, {num_tokens}, {width}] tensor (config.reduce)",
                    None if v_out is None else (tuple(v_out.shape), v_out.dtype))
-        need = num_tokens * cdiv(max_rank, 16)
+        need = num_tokens * num_slices * cdiv(max_rank, 16)
         chk.expect(counters is not None and counters.dtype == torch.int32
                    and counters.numel() >= need, "counters",
                    f"a zeroed int32 tensor of >= {need} elements (config.reduce)",
@@ -109,12 +117,13 @@ def shrink_plan(x: torch.Tensor, A_pool: torch.Tensor, indptr: torch.Tensor,
         return ShrinkPlan(None, num_tokens, max_rank, config.reduce, cpu)
     pdl = _use_pdl(config.use_pdl, x.device)
     k_per_split = cdiv(cdiv(in_features, config.num_splits), config.block_k)
+    tiles_per_slice = cdiv(max_rank, config.block_r)
     grid = (grid_rows(num_tokens, num_segments, config.block_m),
-            cdiv(max_rank, config.block_r), config.num_splits)
+            num_slices * tiles_per_slice, config.num_splits)
     v_out = v_out if config.reduce else v
     scalars = (num_segments, num_slots, max_rank, in_features, k_per_split * config.block_k,
-               grid[1], x.stride(0), A_pool.stride(0), A_pool.stride(1), v.stride(0),
-               v.stride(1), v_out.stride(1))
+               grid[1], tiles_per_slice, _slice_stride(ranks, num_slices), x.stride(0),
+               A_pool.stride(0), A_pool.stride(1), v.stride(0), v.stride(1), v_out.stride(1))
     flags: dict[str, object] = dict(
         BLOCK_R=config.block_r, BLOCK_K=config.block_k, BLOCK_S=block_s(num_segments),
         USE_PDL=pdl, REDUCE=config.reduce, NUM_SPLITS=config.num_splits,
@@ -131,15 +140,19 @@ def shrink_plan(x: torch.Tensor, A_pool: torch.Tensor, indptr: torch.Tensor,
 
 def expand_plan(v: torch.Tensor, B_pool: torch.Tensor, indptr: torch.Tensor,
                 slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, y: torch.Tensor,
-                config: ExpandConfig | None) -> ExpandPlan:
-    """Checks of `sgmv_expand` (ValueError naming the argument) and its launch."""
+                config: ExpandConfig | None, slices: tuple[int, ...] = ()) -> ExpandPlan:
+    """Checks of `sgmv_expand` (ValueError naming the argument) and its launch; `slices`: the
+    output widths of the LoRA slices (lora_kernels.py), () for one."""
     chk.check_activation("y", y)
     num_tokens, out_features = y.shape
     chk.check_pool("B_pool", B_pool, y.dtype, y.device, out_features)
     num_slots, max_rank, _ = B_pool.shape
-    chk.check_segments(indptr, slots, ranks, y.device, num_slots)
-    chk.check_vector("scales", scales, torch.float32, y.device, num_slots)
-    chk.check_workspace(v, num_tokens, max_rank, y.device)
+    num_slices = chk.check_slices(slices, out_features)
+    chk.check_segments(indptr, slots, ranks, y.device, num_slots, num_slices)
+    chk.check_slice_table("scales", scales, torch.float32, y.device, num_slices, num_slots)
+    chk.expect(num_slices == 1 or scales.stride(0) == ranks.stride(0), "scales.stride(0)",
+               f"ranks.stride(0) ({ranks.stride(0)})", scales.stride(0))
+    chk.check_workspace(v, num_tokens, num_slices * max_rank, y.device)
     num_segments = slots.numel()
     if config is None:
         config = expand_config(num_tokens, num_segments, out_features, max_rank)
@@ -150,9 +163,13 @@ def expand_plan(v: torch.Tensor, B_pool: torch.Tensor, indptr: torch.Tensor,
         return ExpandPlan(None, num_tokens, max_rank, cpu)
     pdl = _use_pdl(config.use_pdl, y.device)
     span = config.block_n * config.tiles_per_program
-    grid = (grid_rows(num_tokens, num_segments, config.block_m), cdiv(out_features, span))
+    widths = slices or (out_features,)
+    bounds = [sum(widths[:i + 1]) for i in range(len(widths))] + [out_features] * 2
+    grid = (grid_rows(num_tokens, num_segments, config.block_m), cdiv(max(widths), span),
+            num_slices)
     scalars = (num_segments, num_slots, max_rank, out_features, config.tiles_per_program,
-               v.stride(0), v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0))
+               _slice_stride(ranks, num_slices), bounds[0], bounds[1], v.stride(0),
+               v.stride(1), B_pool.stride(0), B_pool.stride(1), y.stride(0))
     flags: dict[str, object] = dict(
         NUM_SPLITS=v.shape[0], BLOCK_N=config.block_n, BLOCK_R=config.block_r,
         BLOCK_S=block_s(num_segments), USE_PDL=pdl)
@@ -171,10 +188,12 @@ class AddLoraPlan:
     workspace it ran on (kept with the workspace itself and its address, so they are reused
     only for that very buffer)."""
 
-    __slots__ = ("shrink", "expand", "num_splits", "cpu", "_views")
+    __slots__ = ("shrink", "expand", "num_splits", "num_slices", "cpu", "_views")
 
-    def __init__(self, shrink: ShrinkPlan, expand: ExpandPlan, num_splits: int) -> None:
+    def __init__(self, shrink: ShrinkPlan, expand: ExpandPlan, num_splits: int,
+                 num_slices: int = 1) -> None:
         self.shrink, self.expand, self.num_splits = shrink, expand, num_splits
+        self.num_slices = num_slices
         self.cpu = shrink.cpu
         self._views: tuple[torch.Tensor, int, tuple[torch.Tensor, ...]] | None = None
 
@@ -183,7 +202,7 @@ class AddLoraPlan:
         if cached is not None and cached[0] is workspace and cached[1] == workspace.data_ptr():
             return cached[2]
         views = workspace_views(workspace, self.num_splits, self.shrink.num_tokens,
-                                self.shrink.max_rank)
+                                self.shrink.max_rank, self.num_slices)
         self._views = (workspace, workspace.data_ptr(), views)
         return views
 
@@ -191,20 +210,27 @@ class AddLoraPlan:
 def add_lora_plan(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool: torch.Tensor,
                   indptr: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
                   scales: torch.Tensor, workspace: torch.Tensor | None,
-                  shrink: ShrinkConfig | None, expand: ExpandConfig | None) -> AddLoraPlan:
+                  shrink: ShrinkConfig | None, expand: ExpandConfig | None,
+                  slices: tuple[int, ...] = ()) -> AddLoraPlan:
     """Checks of `add_lora` (the workspace, then those of its shrink and expand)."""
-    num_tokens, max_rank = x.shape[0], A_pool.shape[1]
-    shrink = shrink or shrink_config(num_tokens, slots.numel(), x.shape[1], max_rank)
+    chk.check_activation("y", y)
+    num_slices = chk.check_slices(slices, y.shape[1])
+    num_tokens, max_rank = x.shape[0], B_pool.shape[1]
+    shrink = shrink or shrink_config(num_tokens, slots.numel(), x.shape[1], max_rank,
+                                     num_slices)
     if workspace is None:
         raise ValueError("workspace: expected a zeroed float32 buffer of workspace_numel(T, "
-                         "max_rank) elements (allocated once by the caller), got None")
+                         "max_rank, num_slices) elements (allocated once by the caller), "
+                         "got None")
     chk.check_vector("workspace", workspace, torch.float32, x.device)
-    need = workspace_numel(num_tokens, max_rank)
+    need = workspace_numel(num_tokens, max_rank, num_slices)
     chk.expect(workspace.numel() >= need, "workspace.numel()", f">= {need}", workspace.numel())
-    v, v_out, counters = workspace_views(workspace, shrink.num_splits, num_tokens, max_rank)
-    s_plan = shrink_plan(x, A_pool, indptr, slots, ranks, v, shrink, v_out, counters)
+    v, v_out, counters = workspace_views(workspace, shrink.num_splits, num_tokens, max_rank,
+                                         num_slices)
+    s_plan = shrink_plan(x, A_pool, indptr, slots, ranks, v, shrink, v_out, counters,
+                         num_slices)
     expand = expand or expand_config(num_tokens, slots.numel(), y.shape[1], max_rank)
     expand = dataclasses.replace(expand, use_pdl=None)  # launched right after its shrink
     e_plan = expand_plan(v_out if shrink.reduce else v, B_pool, indptr, slots, ranks, scales, y,
-                         expand)
-    return AddLoraPlan(s_plan, e_plan, shrink.num_splits)
+                         expand, slices)
+    return AddLoraPlan(s_plan, e_plan, shrink.num_splits, num_slices)

@@ -79,8 +79,19 @@ def add_lora_ref(
     slots: torch.Tensor,
     ranks: torch.Tensor,
     scales: torch.Tensor,
+    slices: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """y[s:e] += scales[w] * (x[s:e] @ A_pool[w, :r].T) @ B_pool[w, :r] per segment, in fp32."""
+    """y[s:e] += scales[w] * (x[s:e] @ A_pool[w, :r].T) @ B_pool[w, :r] per segment, in fp32.
+
+    With LoRA slices (output widths; see `lora.add_lora`), each slice on its own: rows
+    s*R:(s+1)*R of A_pool, its columns of B_pool and y, ranks[s] and scales[s]."""
+    if slices:
+        R, start = B_pool.shape[1], 0
+        for s, width in enumerate(slices):
+            add_lora_ref(y[:, start:start + width], x, A_pool[:, s * R:(s + 1) * R],
+                         B_pool[:, :, start:start + width], indptr, slots, ranks[s], scales[s])
+            start += width
+        return y
     v = torch.zeros(1, x.shape[0], A_pool.shape[1], dtype=torch.float32, device=x.device)
     sgmv_shrink_ref(x, A_pool, indptr, slots, ranks, v)
     return sgmv_expand_ref(v, B_pool, indptr, slots, ranks, scales, y)

@@ -19,14 +19,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from punica.ops.lora_kernels import _reduce_splits, locate_adapter_tile
+from punica.ops.lora_kernels import _reduce_splits, locate_adapter_tile, slice_columns
 
 
 @triton.jit
 def sgmv_shrink_rows_kernel(
     x_ptr, a_ptr, v_ptr, indptr_ptr, slots_ptr, ranks_ptr, vout_ptr, counters_ptr,
-    num_segments, num_slots, max_rank, K, k_per_split, num_rank_tiles,
-    stride_xm, stride_as, stride_ar, stride_vs, stride_vm, stride_om,
+    num_segments, num_slots, max_rank, K, k_per_split, num_rank_tiles, tiles_per_slice,
+    slice_stride, stride_xm, stride_as, stride_ar, stride_vs, stride_vm, stride_om,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     USE_PDL: tl.constexpr, REDUCE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     FENCE: tl.constexpr,
@@ -38,16 +38,18 @@ def sgmv_shrink_rows_kernel(
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    ok, row, _, slot, rank = locate_adapter_tile(indptr_ptr, slots_ptr, ranks_ptr, num_segments,
+    ls = pid_r // tiles_per_slice  # the LoRA slice of this rank tile (lora_kernels.py)
+    ok, row, _, slot, rank = locate_adapter_tile(indptr_ptr, slots_ptr,
+                                                 ranks_ptr + ls * slice_stride, num_segments,
                                                  num_slots, max_rank, pid_m, 1, BLOCK_S)
     if not ok:
         return
-    r_start = pid_r * BLOCK_R
+    r_start = (pid_r - ls * tiles_per_slice) * BLOCK_R
     if r_start >= rank:
         return
-    offs_r = r_start + tl.arange(0, BLOCK_R)
+    mask_r = r_start + tl.arange(0, BLOCK_R) < rank
+    offs_r = ls * max_rank + r_start + tl.arange(0, BLOCK_R)  # rows of A, columns of v
     offs_k = tl.arange(0, BLOCK_K)
-    mask_r = offs_r < rank
     k_start = pid_k * k_per_split
     row64 = row.to(tl.int64)
     x_ptrs = x_ptr + row64 * stride_xm + k_start + offs_k
@@ -73,7 +75,7 @@ def sgmv_shrink_rows_kernel(
 @triton.jit
 def sgmv_expand_rows_kernel(
     v_ptr, b_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
-    num_segments, num_slots, max_rank, N, tiles_per_program,
+    num_segments, num_slots, max_rank, N, tiles_per_program, slice_stride, n1, n2,
     stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
     NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
@@ -86,18 +88,24 @@ def sgmv_expand_rows_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    ok, row, _, slot, rank = locate_adapter_tile(indptr_ptr, slots_ptr, ranks_ptr, num_segments,
+    ls = tl.program_id(2)  # the LoRA slice (lora_kernels.py)
+    n_lo, n_hi = slice_columns(ls, n1, n2, N)
+    n_first = n_lo + pid_n * tiles_per_program * BLOCK_N
+    if n_first >= n_hi:
+        return
+    ok, row, _, slot, rank = locate_adapter_tile(indptr_ptr, slots_ptr,
+                                                 ranks_ptr + ls * slice_stride, num_segments,
                                                  num_slots, max_rank, pid_m, 1, BLOCK_S)
     if not ok:
         return
-    scale = tl.load(scales_ptr + slot)
+    scale = tl.load(scales_ptr + ls * slice_stride + slot)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     row64 = row.to(tl.int64)
     b_rows = b_ptr + slot.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br
     y_row = y_ptr + row64 * stride_ym
-    offs_n = pid_n * tiles_per_program * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_hi
     if PREFETCH:
         # B and y do not depend on the shrink: their latency overlaps it (y is complete: see the
         # PDL note in lora_kernels.py).
@@ -106,7 +114,7 @@ def sgmv_expand_rows_kernel(
         y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
     if USE_PDL:
         gdc_wait()  # v is the shrink's output
-    v_ptrs = v_ptr + row64 * stride_vm + offs_r
+    v_ptrs = v_ptr + row64 * stride_vm + ls * max_rank + offs_r
     v = tl.load(v_ptrs, mask=mask_r, other=0.0)
     for split in tl.static_range(1, NUM_SPLITS):
         v += tl.load(v_ptrs + split * stride_vs, mask=mask_r, other=0.0)
@@ -120,7 +128,7 @@ def sgmv_expand_rows_kernel(
         tl.store(y_row + offs_n, (y_vec.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
                  mask=mask_n)
         offs_n += BLOCK_N
-        mask_n = offs_n < N
+        mask_n = offs_n < n_hi
         if PREFETCH:  # the next tile; after the program's last, nothing
             mask_next = mask_n & (i + 1 < tiles_per_program)
             b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_next[None, :],

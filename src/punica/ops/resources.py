@@ -109,28 +109,33 @@ def sm90_resources(kernels: Iterable[JITFunction]) -> Iterator[dict[str, Resourc
 
 def add_lora_resources(batch: int, mix: str, rank: int, in_features: int, out_features: int,
                        dtype: torch.dtype, shrink: ShrinkConfig | None = None,
-                       expand: ExpandConfig | None = None) -> list[Resources]:
+                       expand: ExpandConfig | None = None,
+                       slices: tuple[int, ...] = ()) -> list[Resources]:
     """Resources of the shrink and expand that `add_lora` launches (by default, or with the given
     configs) for `batch` rows of `mix` ("distinct": a segment per row, else one adapter for all)
-    at `rank`, planned as on an sm_90 device (PDL on where add_lora asks for it)."""
+    at `rank`, planned as on an sm_90 device (PDL on where add_lora asks for it). With `slices`
+    (output widths), the sliced call of a fused projection (out_features is then their sum)."""
     adapters = batch if mix == "distinct" else 1
+    num_slices = len(slices) or 1
+    out_features = sum(slices) or out_features
     x, y = torch.zeros(batch, in_features, dtype=dtype), torch.zeros(batch, out_features,
                                                                      dtype=dtype)
-    A = torch.zeros(adapters, rank, in_features, dtype=dtype)
+    A = torch.zeros(adapters, num_slices * rank, in_features, dtype=dtype)
     B = torch.zeros(adapters, rank, out_features, dtype=dtype)
     i32 = dict(dtype=torch.int32)
     if mix == "distinct":
         indptr, slots = torch.arange(batch + 1, **i32), torch.arange(batch, **i32)
     else:
         indptr, slots = torch.tensor([0, batch], **i32), torch.zeros(1, **i32)
-    ranks, scales = torch.full((adapters,), rank, **i32), torch.ones(adapters)
-    workspace = torch.zeros(workspace_numel(batch, rank))
+    table = (num_slices, adapters) if slices else (adapters,)
+    ranks, scales = torch.full(table, rank, **i32), torch.ones(table)
+    workspace = torch.zeros(workspace_numel(batch, rank, num_slices))
     kernels = [sgmv_shrink_rows_kernel, sgmv_expand_rows_kernel, sgmv_shrink_kernel,
                sgmv_expand_kernel]
     with (mock.patch.object(lora_plan, "_use_pdl", lambda flag, device: flag is not False),
           sm90_resources(kernels) as found):
         plan = lora_plan.add_lora_plan(y, x, A, B, indptr, slots, ranks, scales, workspace,
-                                       shrink, expand)
+                                       shrink, expand, slices)
         v, v_out, counters = plan.views(workspace)
         s, e = plan.shrink, plan.expand
         assert s.launch is not None and e.launch is not None
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in", dest="in_f", type=int, default=4096)
     ap.add_argument("--out", dest="out_f", type=int, default=11008)
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--slices", default="", help="output widths of a sliced call, e.g. "
+                    "4096,4096,4096 (fused q/k/v)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not args.json:
@@ -161,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     for rank in map(int, args.ranks.split(",")):
         for batch in map(int, args.batches.split(",")):
             for mix in args.mixes.split(","):
+                slices = tuple(int(w) for w in args.slices.split(",") if w)
                 for r in add_lora_resources(batch, mix, rank, args.in_f, args.out_f,
-                                            getattr(torch, args.dtype)):
+                                            getattr(torch, args.dtype), slices=slices):
                     if args.json:
                         row = {"rank": rank, "batch": batch, "mix": mix, **asdict(r)}
                         print(json.dumps(row, default=str))
