@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; logs and JSON go to $OUT (default ./gpu_out).
-# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op decode textgen row_probe profile"] \
+# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op decode textgen row_probe profile serve cluster"] \
 #        [TESTS="tests/ops -k row"] [TEXTGEN_ARGS="--num-requests 200"] bash scripts/gpu_check.sh
 # Extra arguments go to the lora_op benchmark (e.g. --sweep).
 # Steps serve and cluster need the wheels of scripts/device_wheels.sh carried (.whl; cluster also
