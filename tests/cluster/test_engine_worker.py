@@ -70,14 +70,14 @@ def test_out_of_blocks_hands_back_the_newest_and_resume_continues_exactly(
     want = finals(drain(roomy, lambda r: len(finals(r)) == 2))
 
     for number, (rid, prompt) in enumerate(PROMPTS.items()):
-        full.add(10 + number, rid, prompt, PARAMS, None)
+        full.add(number, rid, prompt, PARAMS, None)
     report = drain(full, lambda r: bool(r.migrated))
-    assert report.migrated == ["b@1"] and report.applied == [10, 11]
+    assert report.migrated == ["b@1"] and report.applied == [0, 1]
     last_b = [o for o in report.outputs if o.request_id == "b@1"][-1]
     assert 0 < len(last_b.token_ids) < PARAMS.max_tokens
     assert report.state.running == 1  # b is gone from this engine: its blocks are free
 
-    roomy.add(12, "b@2", PROMPTS["b@1"], PARAMS, None, done=last_b)
+    roomy.add(2, "b@2", PROMPTS["b@1"], PARAMS, None, done=last_b)
     resumed = drain(roomy, lambda r: "b@2" in finals(r))
     first = [o for o in resumed.outputs if o.request_id == "b@2"][0]
     assert len(first.token_ids) == len(last_b.token_ids) + 1  # the next token, nothing else
@@ -87,6 +87,20 @@ def test_out_of_blocks_hands_back_the_newest_and_resume_continues_exactly(
     assert len(got.outputs[0].logprobs) == PARAMS.max_tokens
     a = finals(drain(full, lambda r: "a@1" in finals(r)))["a@1"]
     assert a.token_ids == want["a@1"].token_ids
+
+
+def test_adds_apply_in_placement_order_whatever_order_they_arrive(
+        workers: list[EngineWorker]) -> None:
+    # Ray runs a threaded actor's calls concurrently: placement 1 may reach the engine first
+    _, worker = workers
+    worker.add(2, "c@1", [7, 8, 9], SamplingParams(max_tokens=3), None)
+    worker.add(1, "b@1", [4, 5, 6], SamplingParams(max_tokens=3), None)
+    # `call` queues behind both adds: they reached the engine thread and wait for placement 0
+    assert worker.call(lambda e: sorted(e.unfinished_ids())).value == []
+    worker.add(0, "a@1", [1, 2, 3], SamplingParams(max_tokens=3), None)
+    report = drain(worker, lambda r: len(finals(r)) == 3)
+    assert report.applied == [0, 1, 2]
+    assert [o.request_id for o in report.outputs if o.finished] == ["a@1", "b@1", "c@1"]
 
 
 def test_an_abort_that_overtakes_its_add_drops_the_add(workers: list[EngineWorker]) -> None:

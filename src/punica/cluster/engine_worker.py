@@ -11,8 +11,11 @@ it (`add` with `resume`) replays its tokens so far before the first step, so it 
 + tokens so far and goes on with the next token. Replaying through the stop checker restores the
 output text, logprobs and penalty state exactly; only a seeded generator starts afresh.
 
-Calls may run out of submission order (threads): an `abort` that overtakes its `add` leaves a
-tombstone, and the `add` is then dropped.
+Calls may run out of submission order (threads). Adds carry consecutive placement numbers per
+engine (0, 1, 2, ... from the frontend), and the engine thread applies them in that order,
+holding back one that overtook an earlier one: the engine's arrival order, which decides FCFS
+admission and which request is the newest when blocks run out, is the frontend's placement
+order. An `abort` that overtakes its `add` leaves a tombstone, and the `add` is then dropped.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class EngineWorker:
         self._published = Report(self._state())
         self._fresh = False
         self._tombstones: OrderedDict[str, None] = OrderedDict()
+        self._next_add = 0  # the placement number applied next (engine thread)
+        self._held: dict[int, Callable[[], None]] = {}  # adds that overtook an earlier one
         self._pending = Report(self._published.state)  # built by the engine thread only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="punica-engine", daemon=True)
@@ -114,7 +119,10 @@ class EngineWorker:
 
     def add(self, number: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
             adapter: str | None, done: RequestOutput | None = None) -> None:
-        self._inbox.put(lambda: self._add(number, request_id, prompt_ids, params, adapter, done))
+        """Placement `number` (consecutive per engine, from 0) of a request; applied in number
+        order."""
+        self._inbox.put(lambda: self._in_order(number, lambda: self._add(
+            number, request_id, prompt_ids, params, adapter, done)))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(lambda: self._abort(request_id))
@@ -146,6 +154,12 @@ class EngineWorker:
         self._thread.join(timeout=10)
 
     # The engine thread -----------------------------------------------------------------------
+    def _in_order(self, number: int, apply: Callable[[], None]) -> None:
+        self._held[number] = apply
+        while self._next_add in self._held:
+            self._held.pop(self._next_add)()
+            self._next_add += 1
+
     def _add(self, number: int, request_id: str, prompt_ids: list[int],
              params: SamplingParams, adapter: str | None, done: RequestOutput | None) -> None:
         self._pending.applied.append(number)

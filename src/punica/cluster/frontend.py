@@ -101,7 +101,9 @@ class ClusterEngine:
         self._requests: dict[str, _Request] = {}
         self._users: Counter[str | None] = Counter()
         self._queue = ClusterQueue()
-        self._ids, self._arrivals, self._numbers = (itertools.count() for _ in range(3))
+        self._ids, self._arrivals = itertools.count(), itertools.count()
+        # placement numbers, consecutive per engine: the engine applies its adds in this order
+        self._numbers = [itertools.count() for _ in actors]
         self._closing = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="punica-cluster",
@@ -220,7 +222,7 @@ class ClusterEngine:
         for queued, eid in self._queue.place([load.estimate() for load in live]):
             request = self._requests[queued.request_id]
             request.engine, request.attempt = eid, request.attempt + 1
-            number = next(self._numbers)
+            number = next(self._numbers[eid])
             self._loads[eid].sent(number, queued)
             self.actors[eid].add.remote(number, request.tag, request.prompt_ids,
                                         request.params, request.adapter, request.last)
