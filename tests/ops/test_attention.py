@@ -103,6 +103,19 @@ def test_write_kv_cache_matches_reference(device: torch.device, dtype: torch.dty
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
 
 
+@pytest.mark.parametrize("contexts,new", [([70, 130], [70, 100]), ([20, 90], [4, 90])],
+                         ids=("prompts: 64 x 64 tiles", "chunks: 16 x 32 tiles"))
+def test_default_tiles_match_reference(device: torch.device, contexts: list[int],
+                                       new: list[int]) -> None:
+    gen = torch.Generator().manual_seed(seed_of("default-tiles", contexts, new))
+    c = make_case(gen, device, torch.float16, contexts, new, 4, 2, 16, 8)
+    out = torch.full_like(c["q"], float("nan"))
+    attn.paged_prefill(c["q"], c["k_cache"], c["v_cache"], c["cu_t"], c["seq_lens_t"],
+                       c["tables_t"], c["scale"], out)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, reference(c)) <= TOL[torch.float16]
+
+
 def test_bad_arguments_are_named(device: torch.device) -> None:
     gen = torch.Generator().manual_seed(0)
     c = make_case(gen, device, torch.float32, [4], [4], 4, 2, 16, 4)
