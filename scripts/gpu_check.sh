@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; logs and JSON go to $OUT (default ./gpu_out).
-# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op decode textgen row_probe profile serve cluster"] \
+# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op slices decode textgen row_probe profile serve cluster"] \
 #        [TESTS="tests/ops -k row"] [TEXTGEN_ARGS="--num-requests 200"] bash scripts/gpu_check.sh
 # Extra arguments go to the lora_op benchmark (e.g. --sweep).
 # Steps serve and cluster need the wheels of scripts/device_wheels.sh carried (.whl; cluster also
@@ -84,6 +84,7 @@ for step in $STEPS; do
     profile) python3 scripts/step_profile.py "$OUT" 2>&1 | grep -v '^USDT' \
                | tee "$OUT/step_profile.log" ;;
     lora_op) python3 -m punica.bench.lora_op --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/lora_op.log" ;;
+    slices) python3 -m punica.bench.lora_slices --out-dir "$OUT" 2>&1 | tee "$OUT/lora_slices.log" ;;
     decode) python3 -m punica.bench.decode --out-dir "$OUT" 2>&1 | tee "$OUT/decode.log" ;;
     serve) { server_deps && bench_server serve 8011 serve ${SERVE_ARGS:-}; } 2>&1 \
              | tee "$OUT/serve.log" ;;
