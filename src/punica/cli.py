@@ -9,6 +9,7 @@ import sys
 BENCHES = {
     "decode": "punica.bench.decode",
     "lora-op": "punica.bench.lora_op",
+    "lora-slices": "punica.bench.lora_slices",
     "textgen": "punica.bench.textgen",
     "serve": "punica.bench.serve",
 }

@@ -1,6 +1,6 @@
 """One sliced add_lora against one call per projection, for the fused projections of LLaMA-7B.
 
-    python -m punica.bench.lora_slices [--out-dir benchmarks/results] [--rank 16]
+    punica bench lora-slices [--out-dir benchmarks/results] [--rank 16]
 
 q/k/v (4096 -> 3 x 4096) and gate/up (4096 -> 2 x 11008), fp16, Distinct and Identical batches of
 1, 8, 32 and 64 rows: the deltas of every projection by S separate `add_lora` calls (own pools,
@@ -108,7 +108,7 @@ def floor_bytes(b: SlicedBench, bs: int, in_f: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m punica.bench.lora_slices",
+    ap = argparse.ArgumentParser(prog="punica bench lora-slices",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--rank", type=int, default=16)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"per projection {row['per_projection_us']:7.2f} us, floor "
                       f"{row['floor_us']:6.2f} us, rel diff {row['rel_diff']:.1e}", flush=True)
                 del b
-    info = run_info("python -m punica.bench.lora_slices " + " ".join(argv or sys.argv[1:]))
+    info = run_info("punica bench lora-slices " + " ".join(argv or sys.argv[1:]))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lora_slices.json").write_text(json.dumps({**info, "copy_TBps": copy, "rows": rows},
