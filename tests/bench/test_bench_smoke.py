@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from punica.bench.rig import mix_slots
 from punica.cli import main
 
@@ -41,6 +43,11 @@ def test_textgen_bench_smoke(tmp_path: Path) -> None:
         ("punica", "no-lora")]
     assert all(r["requests"] == (6 if r["engine"] == "punica" else 2) for r in rows)
     assert all(r["tok_s"] > 0 for r in rows)
+    # the CPU KV pool: kv_cache_bytes rounded down to whole blocks (16 tokens x 2 layers x K/V
+    # x 2 heads x 16 dims x 2 bytes = 4 KiB each)
+    for r in rows[1:]:
+        assert 1 - 4096 / (0.01 * 2**30) < r["kv_share_of_budget"] <= 1.0
+        assert r["kv_pool_gib"] == pytest.approx(r["kv_share_of_budget"] * 0.01)
 
 
 def test_workload_lengths() -> None:

@@ -51,6 +51,19 @@ def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: lis
             "requests": done}
 
 
+def memory_report(engine: LLMEngine) -> dict[str, float]:
+    """The KV pool against the memory it was sized from, and (CUDA) the peak the caching
+    allocator reserved so far, beside the device's memory."""
+    kv = engine.kv_cache.numel() * engine.kv_cache.element_size()
+    out = {"kv_pool_gib": kv / 2**30}
+    if engine.kv_budget:
+        out["kv_share_of_budget"] = kv / engine.kv_budget
+    if engine.device.type == "cuda":
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(engine.device) / 2**30
+        out["device_gib"] = torch.cuda.get_device_properties(engine.device).total_memory / 2**30
+    return out
+
+
 def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[int], rank: int,
             device: torch.device, max_new: int) -> dict[str, float]:
     """HF transformers + PEFT mixed-adapter generate on the same shape (random weights), one
@@ -146,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            shared=base))
             adapters = [None if mix == "no-lora" else names[i] for i in ids]
             stats = run_engine(engine, requests, adapters, arch.vocab_size, f"{mix} cap {cap}")
-            rows.append({"engine": "punica", "mix": mix, "cap": cap, **stats})
+            rows.append({"engine": "punica", "mix": mix, "cap": cap, **stats,
+                         **memory_report(engine)})
             save()
         del engine
         gc.collect()
@@ -155,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     save()
     for r in rows:
         print(f"{r['engine']:>8} {r['mix']:>9} cap={r['cap']:<4} {r['tok_s']:10.1f} tok/s "
-              f"({r['output_tok_s']:.1f} output tok/s, {r['wall_s']:.1f} s)")
+              f"({r['output_tok_s']:.1f} output tok/s, {r['wall_s']:.1f} s)"
+              + (f", KV pool {r['kv_pool_gib']:.1f} GiB" if "kv_pool_gib" in r else ""))
     return 0
 
 

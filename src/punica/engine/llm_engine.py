@@ -16,7 +16,7 @@ from punica.engine.sampler import sample
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import Scheduler, SchedulerOutput
 from punica.engine.sequence import Sequence
-from punica.engine.sizing import kv_blocks
+from punica.engine.sizing import kv_blocks, kv_budget
 from punica.engine.stops import StopChecker
 from punica.errors import AdapterInUseError, AdapterNotFoundError, CapacityError
 from punica.lora.peft import AdapterWeights
@@ -54,6 +54,8 @@ class LLMEngine:
         max_tokens = config.scheduler.max_num_batched_tokens
         self.lora_pool = (LoraPool(self.arch, lc.max_loras, lc.max_lora_rank, max_tokens,
                                    self.dtype, device) if lc.max_loras > 0 else None)
+        self.kv_budget = kv_budget(cc, device) if cc.num_blocks is None else None
+        """The bytes the KV pool was sized from (None: a fixed num_blocks)."""
         num_blocks = kv_blocks(self.arch, self.dtype, cc, device)
         if num_blocks * cc.block_size < self.max_model_len:
             raise CapacityError(f"the KV cache holds {num_blocks * cc.block_size} tokens, less "
