@@ -31,7 +31,7 @@ ROW_KERNEL_MAX_MEAN_LEN = 4
 # 16 at bs <= 32 were the fastest measured).
 ROW_SHRINK_TARGET_PROGRAMS = 512
 ROW_SHRINK_BLOCK_K = 256
-# Register tiles of the row kernels, in elements. sm_90 ptxas (scripts/kernel_resources.py): a
+# Register tiles of the row kernels, in elements. sm_90 ptxas (python -m punica.ops.resources): a
 # shrink accumulator of 64 x 256 took 255 registers per thread (one 4-warp program per SM); an
 # expand slab of 64 x 1024, held twice by the prefetch, spilled 7 KB per thread and ran 10x slower
 # (rank 64, lora_op.json). Rank tiles past 16 get proportionally narrower K / N tiles.
