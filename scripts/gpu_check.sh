@@ -60,8 +60,8 @@ with open(sys.argv[2], "w") as f:
         time.sleep(1)
 PY
   local poller=$!
-  python3 -m punica.cli bench serve --url "$url" --mix skewed --rate ${SERVE_RATE:-16} \
-    --num-requests ${SERVE_REQUESTS:-300} --out-dir "$OUT/$name" ${SERVE_BENCH_ARGS:-}
+  python3 -m punica.cli bench serve --url "$url" --mix skewed --rate ${SERVE_RATE:-2} \
+    --num-requests ${SERVE_REQUESTS:-120} --out-dir "$OUT/$name" ${SERVE_BENCH_ARGS:-}
   local status=$?
   python3 -c "import httpx, sys; print(httpx.get(sys.argv[1], timeout=10).text)" \
     "$url/cluster/status" > "$OUT/$name/cluster_status.json" 2>/dev/null

@@ -40,3 +40,6 @@ def test_random_weights_server_with_random_adapters(tmp_path: Path) -> None:
                    str(tmp_path)])
     result = json.loads((tmp_path / "serve.json").read_text())
     assert rc == 0 and result["ok"] == 9 and result["adapters_used"] == 3
+    # No tokenizer, so no text: tokens still stream one chunk each, and the first comes first.
+    multi = [r for r in result["per_request"] if r["tokens"] > 1]
+    assert multi and all(r["ttft"] < r["e2e"] for r in multi)

@@ -73,6 +73,8 @@ def test_streaming_with_usage_and_n(client: openai.OpenAI) -> None:
                                             stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full.choices[0].text
+    # One chunk per generated token (clients time tokens by chunks), then the usage chunk.
+    assert sum(1 for c in chunks if c.choices) == 6
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
     multi = client.completions.create(model="tiny-llama", prompt=[1, 2, 3], max_tokens=4, n=3,
                                       seed=7, temperature=1.0)

@@ -136,8 +136,12 @@ async def _stream(srv: Server, kind: str, rid: str, model: str,
                 index = i * params.n + c.index
                 delta = c.text[sent.get(index, 0):]
                 sent[index] = len(c.text)
+                new_tokens = len(c.token_ids) - tokens.get(index, 0)
                 tokens[index] = len(c.token_ids)
-                if not delta and c.finish_reason is None:
+                # A chunk per step that produced tokens, even when their text is still held
+                # back (a partial character) or absent (a model without a tokenizer): clients
+                # time tokens by chunks.
+                if not delta and not new_tokens and c.finish_reason is None:
                     continue
                 choice = {"index": index, "finish_reason": c.finish_reason}
                 choice.update({"delta": {"content": delta}} if chat else {"text": delta})
