@@ -48,6 +48,10 @@ def test_textgen_bench_smoke(tmp_path: Path) -> None:
     for r in rows[1:]:
         assert 1 - 4096 / (0.01 * 2**30) < r["kv_share_of_budget"] <= 1.0
         assert r["kv_pool_gib"] == pytest.approx(r["kv_share_of_budget"] * 0.01)
+        # every step of the run is in its breakdown (eager on the CPU: no graphs to warm)
+        s = r["step_stats"]
+        assert s["steps"] == s["eager_steps"] > 0 and s["graph_steps"] == 0
+        assert r["warmup_s"] == 0.0 and r["graphs"] == 0
 
 
 def test_workload_lengths() -> None:

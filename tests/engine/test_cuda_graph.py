@@ -73,3 +73,31 @@ def test_refuses_steps_past_the_buckets(device: torch.device) -> None:
     assert graphs.key(rig.batch([1] * 5, [2] * 5, [0] * 5)) is None
     with pytest.raises(ValueError, match="decode-only"):
         graphs.run(rig.batch([17], [17], [0]))
+
+
+def test_keys_cover_every_step_and_warmup_builds_them(device: torch.device) -> None:
+    torch.manual_seed(2)
+    rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=3, rank=8,
+                    max_tokens=32)
+    rig.attention_backend = "triton"
+    graphs = StepGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=8,
+                        max_blocks=4, device=device, capture=device.type == "cuda",
+                        max_tokens=32)
+    decode = [(b, b, True) for b in (1, 2, 4, 8)]
+    mixed = [(t, b, False) for t in (16, 32) for b in (1, 2, 4, 8)]
+    assert graphs.keys() == decode + mixed
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):  # every step the buckets take has its key among keys()
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        new = torch.randint(1, 5, (n,), generator=gen).tolist()
+        if sum(new) > 32:
+            continue
+        batch = rig.batch(new, [c + 8 for c in new], [0] * n)
+        assert graphs.key(batch) in graphs.keys()
+    kv_before = rig.kv_cache.clone()
+    assert graphs.warmup() >= 0.0 and graphs.num_graphs == len(decode + mixed)
+    assert torch.equal(rig.kv_cache, kv_before)  # padding rows never write the KV pool
+    batch = rig.batch([1, 3], [9, 17], [0, 2])
+    want = rig.step(batch, use_lora=True, use_graphs=False)
+    rig.kv_cache.copy_(kv_before)
+    torch.testing.assert_close(graphs.run(batch), want, rtol=1e-4, atol=1e-4)

@@ -67,3 +67,40 @@ def test_sampling_follows_the_distribution() -> None:
                  [torch.Generator().manual_seed(0)] * 4000)
     freq = torch.bincount(torch.tensor(res.token_ids), minlength=3).float() / 4000
     torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
+
+
+def test_greedy_batch_is_one_argmax_without_logprobs() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(5, 40)
+    res = sample(logits, [SamplingParams(temperature=0.0)] * 5, [[1]] * 5, [[]] * 5, [None] * 5)
+    assert res.token_ids == logits.argmax(-1).tolist()
+    assert res.logprobs == [None] * 5
+
+
+def test_filters_off_is_temperature_only() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(3, 30)
+    params = [SamplingParams(temperature=t) for t in (0.5, 1.0, 2.0)]
+    out = filter_logits(logits, params)
+    torch.testing.assert_close(out, logits / torch.tensor([[0.5], [1.0], [2.0]]))
+    # one filtering row: the others are unchanged by the sorted path
+    mixed = filter_logits(logits, params[:2] + [SamplingParams(temperature=2.0, top_k=3)])
+    torch.testing.assert_close(mixed[:2], out[:2])
+    assert int(torch.isfinite(mixed[2]).sum()) == 3
+
+
+def test_shared_generator_rows_follow_the_distribution_and_seeds_hold() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
+    params = [SamplingParams()] * 4000
+    res = sample(logits, params, [[0]] * 4000, [[]] * 4000, [None] * 4000,
+                 torch.Generator().manual_seed(3))
+    freq = torch.bincount(torch.tensor(res.token_ids), minlength=3).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
+    seeded = [SamplingParams(seed=9)]
+    alone = sample(logits[:1], seeded, [[0]], [[]], [torch.Generator().manual_seed(9)])
+    for companions in (3, 17):
+        batch = sample(logits[: companions + 1], [SamplingParams()] * companions + seeded,
+                       [[0]] * (companions + 1), [[]] * (companions + 1),
+                       [None] * companions + [torch.Generator().manual_seed(9)],
+                       torch.Generator().manual_seed(companions))
+        assert batch.token_ids[-1] == alone.token_ids[0]

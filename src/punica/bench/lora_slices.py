@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 b = build(mix, bs, args.rank, in_f, widths, torch.float16, device, l2)
                 n = len(b.x)
                 row = {"group": group, "mix": mix, "bs": bs, "rank": args.rank,
-                       "sliced_us": graph_us([lambda i=i: b.sliced(i) for i in range(n)]),
+                       "sliced_us": graph_us([lambda i=i, b=b: b.sliced(i) for i in range(n)]),
                        "per_projection_us": graph_us(
-                           [lambda i=i: b.per_projection(i) for i in range(n)]),
+                           [lambda i=i, b=b: b.per_projection(i) for i in range(n)]),
                        "floor_us": floor_bytes(b, bs, in_f) / (copy * 1e12) * 1e6,
                        "rel_diff": agreement(b)}
                 rows.append(row)

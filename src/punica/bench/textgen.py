@@ -37,6 +37,7 @@ def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: lis
             max_tokens=o_len, temperature=0.0, ignore_eos=True), name)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
+    engine.step_stats.reset()
     start, done, out_tokens = time.perf_counter(), 0, 0
     with tqdm(total=len(requests), desc=label, unit="req") as bar:
         while engine.has_unfinished():
@@ -48,7 +49,13 @@ def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: lis
     wall = time.perf_counter() - start
     total = sum(p for p, _ in requests) + out_tokens
     return {"wall_s": wall, "tok_s": total / wall, "output_tok_s": out_tokens / wall,
-            "requests": done}
+            "requests": done, "step_stats": engine.step_stats.summary()}
+
+
+def _breakdown(s: dict[str, float]) -> str:
+    return (f"; per step: schedule {s['schedule_ms']:.2f} + forward {s['forward_ms']:.2f} + "
+            f"sample/wait {s['sample_ms']:.2f} + finish {s['finish_ms']:.2f} ms over "
+            f"{s['steps']} steps ({s['eager_steps']} eager)")
 
 
 def memory_report(engine: LLMEngine) -> dict[str, float]:
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_lora_rank=args.rank),
             scheduler=SchedulerConfig(max_num_seqs=cap or 512, max_num_batched_tokens=8192)),
             model=model)
+        warmup_s = engine.warmup()  # graph captures stay out of the timed runs
         names = {i: f"a{i}" for i in range(args.num_requests)}
         for mix in args.mixes.split(",") + ["no-lora"]:
             ids = adapter_of_requests("identical" if mix == "no-lora" else mix, len(requests))
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             adapters = [None if mix == "no-lora" else names[i] for i in ids]
             stats = run_engine(engine, requests, adapters, arch.vocab_size, f"{mix} cap {cap}")
             rows.append({"engine": "punica", "mix": mix, "cap": cap, **stats,
-                         **memory_report(engine)})
+                         **memory_report(engine), "warmup_s": warmup_s,
+                         "graphs": engine.graphs.num_graphs if engine.graphs else 0})
             save()
         del engine
         gc.collect()
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['engine']:>8} {r['mix']:>9} cap={r['cap']:<4} {r['tok_s']:10.1f} tok/s "
               f"({r['output_tok_s']:.1f} output tok/s, {r['wall_s']:.1f} s)"
-              + (f", KV pool {r['kv_pool_gib']:.1f} GiB" if "kv_pool_gib" in r else ""))
+              + (f", KV pool {r['kv_pool_gib']:.1f} GiB" if "kv_pool_gib" in r else "")
+              + (_breakdown(r["step_stats"]) if "step_stats" in r else ""))
     return 0
 
 

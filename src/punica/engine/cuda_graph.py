@@ -21,6 +21,7 @@ padding logic).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,8 @@ class StepGraphs:
         self.token_buckets = [t for t in TOKEN_BUCKETS if t <= max_tokens]
         self._static: dict[tuple[int, int, bool], _Static] = {}
         self._pool = None
+        self.capture_s = 0.0
+        """Seconds spent building graphs (compiling their kernels and capturing) so far."""
 
     def bucket(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
@@ -70,6 +73,25 @@ class StepGraphs:
         need = max(batch.num_tokens, seqs)
         tokens = next((t for t in self.token_buckets if t >= need), None)
         return None if tokens is None else (tokens, seqs, False)
+
+    def keys(self) -> list[tuple[int, int, bool]]:
+        """Every key a step can have: decode buckets, and (token, sequence) bucket pairs of
+        mixed steps (a mixed step has more rows than sequences, so its token bucket is never
+        below its sequence bucket)."""
+        decode = [(b, b, True) for b in self.buckets]
+        return decode + [(t, b, False) for t in self.token_buckets for b in self.buckets
+                         if b <= t]
+
+    def warmup(self) -> float:
+        """Build every graph of `keys()` now; returns the seconds it took."""
+        start = time.perf_counter()
+        for key in self.keys():
+            self._prepare(key)
+        return time.perf_counter() - start
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._static)
 
     def _make_static(self, key: tuple[int, int, bool]) -> _Static:
         tokens, seqs, decode_only = key
@@ -95,6 +117,7 @@ class StepGraphs:
     def _prepare(self, key: tuple[int, int, bool]) -> _Static:
         s = self._static.get(key)
         if s is None:
+            start = time.perf_counter()
             s = self._make_static(key)
             if self.capture:
                 self._forward(s)  # compile every kernel outside the capture
@@ -104,6 +127,7 @@ class StepGraphs:
                     s.logits = self._forward(s)
                 self._pool = s.graph.pool()
             self._static[key] = s
+            self.capture_s += time.perf_counter() - start
         return s
 
     def run(self, batch: Batch) -> torch.Tensor:

@@ -4,6 +4,7 @@ sample -> stop checks), holding the model, the KV pool and the adapter pool."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 
@@ -17,6 +18,7 @@ from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import Scheduler, SchedulerOutput
 from punica.engine.sequence import Sequence
 from punica.engine.sizing import kv_blocks, kv_budget
+from punica.engine.step_stats import StepStats
 from punica.engine.stops import StopChecker
 from punica.errors import AdapterInUseError, AdapterNotFoundError, CapacityError
 from punica.lora.peft import AdapterWeights
@@ -81,6 +83,7 @@ class LLMEngine:
                 max_blocks=-(-self.max_model_len // cc.block_size), device=device,
                 max_tokens=max_tokens)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0}
+        self.step_stats = StepStats()
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -155,21 +158,35 @@ class LLMEngine:
         that got a token (`finished` tells which; finished requests are forgotten by the engine).
         Batch callers pass updates=False: building outputs copies every running request's
         tokens each step."""
+        st = self.step_stats
+        t0 = time.perf_counter()
+        timed = st.schedule_s + st.forward_s + st.sample_s
         out = self.scheduler.schedule()
         touched: set[str] = set()
         if not out.scheduled:
             self._unstick()
         else:
-            touched = self._run(out)
+            touched = self._run(out, t0)
         finished = self._collect_finished()
-        if not updates:
-            return finished
-        done = {o.request_id for o in finished}
-        updates = [self.output_of(rid, self._requests[rid]) for rid in sorted(touched - done)
-                   if rid in self._requests]
-        return finished + updates
+        if updates:
+            done = {o.request_id for o in finished}
+            finished += [self.output_of(rid, self._requests[rid])
+                         for rid in sorted(touched - done) if rid in self._requests]
+        if out.scheduled:  # the rest of the step: stop checks, finished requests, outputs
+            st.steps += 1
+            timed = st.schedule_s + st.forward_s + st.sample_s - timed
+            st.finish_s += time.perf_counter() - t0 - timed
+        return finished
 
-    def _run(self, out: SchedulerOutput) -> set[str]:
+    def warmup(self) -> float:
+        """Capture every step graph now (a server's start, a benchmark's untimed part) rather
+        than on the first step of each shape; returns the seconds it took (0 without graphs)."""
+        if self.graphs is None or (self.lora_pool is not None and not self.lora_pool.capturable):
+            return 0.0
+        return self.graphs.warmup()
+
+    def _run(self, out: SchedulerOutput, t0: float) -> set[str]:
+        st = self.step_stats
         for slot, name in out.loads:
             self.lora_pool.load(slot, self.registry.get(name))
         self.stats["adapter_loads"] += len(out.loads)
@@ -177,21 +194,28 @@ class LLMEngine:
         batch = build_batch(out.scheduled, self.scheduler.blocks.tables,
                             self.config.cache.block_size, self.device)
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
+        t1 = time.perf_counter()
+        st.schedule_s += t1 - t0
         # The graphs hold the pool's add_lora calls even in steps without LoRA rows.
         if self.graphs is not None and (self.lora_pool is None or self.lora_pool.capturable) \
                 and self.graphs.key(batch) is not None:
             logits = self.graphs.run(batch)
+            st.graph_steps += 1
         else:
             ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
                               else None, self.attention_backend)
             logits = self.model(ctx)
+            st.eager_steps += 1
         self.scheduler.advance(out)
+        t2 = time.perf_counter()
+        st.forward_s += t2 - t1
         if not batch.sampled:
             return set()
         seqs = [s.seq for s in batch.sampled]
         result = sample(logits, [s.params for s in seqs], [s.prompt_ids for s in seqs],
                         [s.output_ids for s in seqs],
-                        [self._generators[s.seq_id] or self.generator for s in seqs])
+                        [self._generators[s.seq_id] for s in seqs], self.generator)
+        st.sample_s += time.perf_counter() - t2
         for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
             reason = self.stops.append(seq, token, lp)
             if reason is not None:

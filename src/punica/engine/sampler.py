@@ -45,11 +45,18 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     return logits - _column([p.presence_penalty for p in params], dev) * (counts > 0)
 
 
+def _filters(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+
+
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (-inf outside)."""
+    """Temperature, then top-k, top-p and min-p masks (-inf outside); the vocabulary sort only
+    where some row filters."""
     dev = logits.device
     temps = _column([p.temperature if p.temperature > 0 else 1.0 for p in params], dev)
     logits = logits / temps
+    if not any(_filters(p) for p in params):
+        return logits
     vocab = logits.shape[1]
     ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -64,21 +71,40 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def _exponential_noise(like: torch.Tensor, generators: list[torch.Generator | None],
+                       default: torch.Generator | None) -> torch.Tensor:
+    """E ~ Exp(1) per logit: rows with their own generator draw from it (reproducible whatever
+    the batch), the others in one draw from `default`."""
+    noise = torch.empty_like(like)
+    if any(g is None for g in generators):
+        noise.exponential_(generator=default)
+    for i, gen in enumerate(generators):
+        if gen is not None:
+            noise[i].exponential_(generator=gen)
+    return noise
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
-           output_ids: list[list[int]], generators: list[torch.Generator | None]
-           ) -> SampleResult:
-    """One token per row of float32 `logits` [N, vocab]."""
-    raw_logprobs = logits.log_softmax(-1)
+           output_ids: list[list[int]], generators: list[torch.Generator | None],
+           default_generator: torch.Generator | None = None) -> SampleResult:
+    """One token per row of float32 `logits` [N, vocab]. A row's generator (None: the shared
+    `default_generator`) supplies its sampling noise.
+
+    Fast paths (one step's host time is the GPU's idle time): an all-greedy batch without
+    penalties or logprobs is one argmax; logprobs are computed only when asked for."""
+    want_logprobs = any(p.logprobs is not None for p in params)
+    raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
     logits = apply_penalties(logits, params, prompt_ids, output_ids)
     greedy_ids = logits.argmax(-1)
-    filtered = filter_logits(logits, params)
-    probs = filtered.softmax(-1)
-    noise = torch.empty_like(probs)
-    for i, gen in enumerate(generators):
-        noise[i].exponential_(generator=gen)
-    sampled = (probs / noise).argmax(-1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    tokens = torch.where(is_greedy, greedy_ids, sampled).tolist()
+    if all(p.greedy for p in params):
+        tokens = greedy_ids.tolist()
+    else:
+        probs = filter_logits(logits, params).softmax(-1)
+        sampled = (probs / _exponential_noise(probs, generators, default_generator)).argmax(-1)
+        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        tokens = torch.where(is_greedy, greedy_ids, sampled).tolist()
+    if raw_logprobs is None:
+        return SampleResult(tokens, [None] * len(tokens))
     return SampleResult(tokens, _logprobs(raw_logprobs, tokens, params))
 
 

@@ -50,6 +50,7 @@ def build_engine(spec: EngineSpec) -> LLMEngine:
     engine = _random_engine(spec) if spec.is_random else LLMEngine(spec.config)
     for name, path in spec.lora_modules:
         engine.load_lora(name, path)
+    engine.warmup()  # every step graph now, not in the first requests' latency
     return engine
 
 
