@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from punica.bench.workloads import MIXES
-from punica.ops import lora, lora_ref
+from punica.ops import lora, lora_config, lora_ref
 from tests.ops.lora_cases import (
     REL_TOL,
     Problem,
@@ -139,6 +139,29 @@ def test_row_kernels_each_rank(device: torch.device, rank: int) -> None:
                      slot_ranks=[rank, rank, rank])
     shrink, expand = row_configs(2, 128)
     assert_matches(p, *run_kernels(p, dataclasses.replace(shrink, block_r=16), expand))
+
+
+@pytest.mark.parametrize("bs", (3, 33))
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("family", ("row", "tile"))
+def test_both_families_at_rank_64(device: torch.device, family: str, mix: str, bs: int) -> None:
+    """Rank 64 decode batches through the configs each kernel family would get by default:
+    the tile pair is the default there (lora_config.ROW_KERNEL_MAX_RANK), the row pair stays
+    reachable by explicit config."""
+    gen = torch.Generator().manual_seed(seed_of("family", family, mix, bs))
+    p = problem_for_mix(gen, device, torch.float16, mix, bs, in_features=512, out_features=272,
+                        max_rank=64)
+    S = p.slots.numel()
+    if family == "row":
+        shrink = lora_config.row_shrink_config(bs, S, 512, 64)
+        expand = lora_config.row_expand_config(bs, S, 64)
+        assert (shrink.block_m, expand.block_m) == (1, 1)
+    else:
+        shrink = lora_config.tile_shrink_config(bs, S, 512, 64)
+        expand = lora_config.tile_expand_config(bs, S, 272, 64)
+        assert (shrink, expand) == (lora.shrink_config(bs, S, 512, 64),
+                                    lora.expand_config(bs, S, 272, 64))
+    assert_matches(p, *run_kernels(p, shrink, dataclasses.replace(expand, use_pdl=None)))
 
 
 def test_uncovered_rows_and_empty_segments(device: torch.device) -> None:

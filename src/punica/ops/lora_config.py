@@ -21,12 +21,19 @@ MIN_K_PER_SPLIT = 256
 SHRINK_TARGET_PROGRAMS = 1024
 # Expand (row tile x column tile) pairs per program are grouped until about this many programs.
 EXPAND_TARGET_PROGRAMS = 512
+# Tile expand: 8 warps from a v tile (block_m x block_r fp32) of this many elements.
+EXPAND_8_WARPS_TILE = 2048
 # Row kernels (block_m = 1) for decode-shaped batches: at most this many rows, or segments this
 # short on average. `scripts/row_probe.py` on the H200 (benchmarks/results/row_probe.json, rank 16,
 # 4096 -> 11008): the row pair beat the tile pair at every decode batch measured, bs 1..128 and
 # every mix (distinct bs 64: 14.2 vs 19.2 us; identical bs 64: 9.0 vs 12.6; bs 1: 5.4 vs 8.6).
 ROW_KERNEL_MAX_TOKENS = 128
 ROW_KERNEL_MAX_MEAN_LEN = 4
+# ...and only for rank tiles up to this (per slice): at rank 64, bs 64 Distinct on the H200 the
+# row pair took 87.8 us (lora_op.json, aa2270f) against 45.7 us for the tile pair (row_probe.json,
+# 730c441: the tile configs of today at that shape; its row pair, before the register caps below,
+# 43.3 us). Past it, decode-shaped batches go to the tile kernels too.
+ROW_KERNEL_MAX_RANK = 32
 # Row shrink: split-K programs x (block_r / 16) aimed at this many (8 splits at bs 64, 4 at 128,
 # 16 at bs <= 32 were the fastest measured).
 ROW_SHRINK_TARGET_PROGRAMS = 512
@@ -100,14 +107,20 @@ def _block_m(num_tokens: int, num_segments: int) -> int:
     return 16 if mean_len <= 16 else 32 if mean_len <= 32 else 64
 
 
-def use_row_kernels(num_tokens: int, num_segments: int) -> bool:
-    """Decode-shaped batches (few rows, or short segments) go to the row kernels."""
+def use_row_kernels(num_tokens: int, num_segments: int, max_rank: int) -> bool:
+    """Decode-shaped batches (few rows, or short segments) of a small rank tile go to the row
+    kernels; `max_rank` is per LoRA slice. shrink_config and expand_config both ask this with
+    the same arguments, so a default pair is either both row or both tile kernels."""
+    if max_rank > ROW_KERNEL_MAX_RANK:
+        return False
     return (num_tokens <= ROW_KERNEL_MAX_TOKENS
             or num_tokens <= ROW_KERNEL_MAX_MEAN_LEN * max(num_segments, 1))
 
 
-def _row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
-                       max_rank: int, num_slices: int) -> ShrinkConfig:
+def row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
+                      max_rank: int, num_slices: int = 1) -> ShrinkConfig:
+    """Row shrink launch (block_m = 1): split-K programs aimed at ROW_SHRINK_TARGET_PROGRAMS,
+    an accumulator of ROW_SHRINK_TILE elements. Valid at any rank (explicit configs)."""
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))  # rank 128: two rank tiles
     # Rows that share an adapter read the same A slab (from L2 after the first): half the
     # programs do (row_probe.json: 4 splits best at bs 64 Uniform and Identical, 8 Distinct).
@@ -128,7 +141,9 @@ def _row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
                         num_splits=splits)
 
 
-def _row_expand_config(num_tokens: int, num_segments: int, max_rank: int) -> ExpandConfig:
+def row_expand_config(num_tokens: int, num_segments: int, max_rank: int) -> ExpandConfig:
+    """Row expand launch (block_m = 1): the whole rank, B slabs of ROW_EXPAND_TILE elements.
+    Valid at any rank (explicit configs)."""
     block_r = max(16, triton.next_power_of_2(max_rank))
     block_n = min(512 if num_tokens <= 8 else 1024, ROW_EXPAND_TILE // block_r)
     # Two column tiles per program helped only where every row reads its own B (distinct, bs 64
@@ -137,13 +152,10 @@ def _row_expand_config(num_tokens: int, num_segments: int, max_rank: int) -> Exp
     return ExpandConfig(block_m=1, block_n=block_n, block_r=block_r, tiles_per_program=tiles)
 
 
-@functools.cache
-def shrink_config(num_tokens: int, num_segments: int, in_features: int,
-                  max_rank: int, num_slices: int = 1) -> ShrinkConfig:
-    """Default shrink launch: enough split-K programs to stream A at full bandwidth; the row
-    kernel for decode-shaped batches. `max_rank` is per LoRA slice."""
-    if use_row_kernels(num_tokens, num_segments):
-        return _row_shrink_config(num_tokens, num_segments, in_features, max_rank, num_slices)
+def tile_shrink_config(num_tokens: int, num_segments: int, in_features: int,
+                       max_rank: int, num_slices: int = 1) -> ShrinkConfig:
+    """Tile shrink launch (block_m >= 16, tensor cores): enough split-K programs to stream A at
+    full bandwidth. Valid for any batch (explicit configs)."""
     block_m = _block_m(num_tokens, num_segments)
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     tiles = num_slices * min(num_tokens, triton.cdiv(num_tokens, block_m) + num_segments)
@@ -155,21 +167,41 @@ def shrink_config(num_tokens: int, num_segments: int, in_features: int,
     return ShrinkConfig(block_m=block_m, block_r=block_r, block_k=64, num_splits=splits)
 
 
-@functools.cache
-def expand_config(num_tokens: int, num_segments: int, out_features: int,
-                  max_rank: int) -> ExpandConfig:
-    """Default expand launch (the row kernel for decode-shaped batches)."""
-    if use_row_kernels(num_tokens, num_segments):
-        return _row_expand_config(num_tokens, num_segments, max_rank)
+def tile_expand_config(num_tokens: int, num_segments: int, out_features: int,
+                       max_rank: int) -> ExpandConfig:
+    """Tile expand launch (block_m >= 16, tensor cores): the whole rank, column tiles grouped
+    until about EXPAND_TARGET_PROGRAMS programs. Valid for any batch (explicit configs)."""
     block_m = _block_m(num_tokens, num_segments)
     block_r = max(16, triton.next_power_of_2(max_rank))
     block_n = max(32, min(256 if block_m == 16 else 128, 8192 // block_r))
     tiles = grid_rows(num_tokens, num_segments, block_m) * triton.cdiv(out_features, block_n)
     per_program = max(1, min(8, tiles // EXPAND_TARGET_PROGRAMS))
-    # A 64 x 128 fp32 v tile spilled ~1 KB per thread with 4 warps, none with 8 (sm_90 ptxas).
-    warps = 8 if block_m * block_r > 4096 else 4
+    # The v tiles of all NUM_SPLITS partials are loaded at once: with 4 warps a 64 x 128 tile
+    # spilled ~1 KB per thread, and at 16 splits (small batches) 16 x 128 and 32 x 64 tiles
+    # 64-148 bytes; 8 warps spilled none of them (sm_90 ptxas, python -m punica.ops.resources).
+    warps = 8 if block_m * block_r >= EXPAND_8_WARPS_TILE else 4
     return ExpandConfig(block_m=block_m, block_n=block_n, block_r=block_r,
                         tiles_per_program=per_program, num_warps=warps)
+
+
+@functools.cache
+def shrink_config(num_tokens: int, num_segments: int, in_features: int,
+                  max_rank: int, num_slices: int = 1) -> ShrinkConfig:
+    """Default shrink launch: the row kernel for decode-shaped batches of a small rank
+    (`use_row_kernels`), else the tile kernel. `max_rank` is per LoRA slice."""
+    if use_row_kernels(num_tokens, num_segments, max_rank):
+        return row_shrink_config(num_tokens, num_segments, in_features, max_rank, num_slices)
+    return tile_shrink_config(num_tokens, num_segments, in_features, max_rank, num_slices)
+
+
+@functools.cache
+def expand_config(num_tokens: int, num_segments: int, out_features: int,
+                  max_rank: int) -> ExpandConfig:
+    """Default expand launch: row or tile kernel as `use_row_kernels` says, like shrink_config
+    for the same call. `max_rank` is per LoRA slice."""
+    if use_row_kernels(num_tokens, num_segments, max_rank):
+        return row_expand_config(num_tokens, num_segments, max_rank)
+    return tile_expand_config(num_tokens, num_segments, out_features, max_rank)
 
 
 def workspace_numel(max_tokens: int, max_rank: int, num_slices: int = 1) -> int:
