@@ -6,7 +6,8 @@ Graph time per call over rotating problems (cold weights), 4096 -> 11008 fp16: t
 and the expand alone over a grid of row-kernel launch parameters (register tiles of 1/2/4 x
 16 x 256 for the shrink's accumulator, 1/2 x 16 x 1024 elements for the expand's slab, with and
 without the expand's prefetch), then the pair with the best of each, beside the default pair
-(`tile_pair_us`: add_lora's default configs) and it with reduce.
+(`tile_pair_us`: the tile kernels' configs, `lora_config.tile_shrink_config` /
+`tile_expand_config`, whatever the default picks) and it with reduce.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from punica.bench import lora_cases as lc
 from punica.bench.timing import copy_bandwidth_TBps, graph_us, run_info
 from punica.ops import lora
+from punica.ops.lora_config import tile_expand_config, tile_shrink_config
 
 IN_F, OUT_F = 4096, 11008
 CASES = [lc.Case("distinct", bs, 16) for bs in (1, 8, 32, 64, 128)] + [
@@ -49,8 +51,14 @@ def probe(case: lc.Case) -> dict[str, object]:
     b = lc.build(case, IN_F, OUT_F, torch.float16, 60 << 20)
     R = case.rank
     row: dict[str, object] = {"case": dataclasses.asdict(case)}
-    row["tile_pair_us"] = timed(b, lambda b, c: lc.ours(b, c))
-    row["tile_reduce_pair_us"] = timed(b, lambda b, c: lc.ours(b, c, reduce=True))
+    tile_s = tile_shrink_config(case.bs, b.num_adapters, IN_F, R)
+    tile_e = dataclasses.replace(tile_expand_config(case.bs, b.num_adapters, OUT_F, R),
+                                 use_pdl=None)
+    tile_r = dataclasses.replace(tile_s, reduce=True)
+    row["tile_pair_us"] = timed(b, lambda b, c: lc.ours(b, c, tile_s, tile_e))
+    row["tile_reduce_pair_us"] = timed(b, lambda b, c: lora.add_lora(
+        c.y, c.x, b.A, b.B, c.indptr, c.slots, b.ranks, b.scales, b.workspace, shrink=tile_r,
+        expand=tile_e))
     shrinks = {}
     block_r = min(64, max(16, R))
     for splits, acc, warps in itertools.product((4, 8, 16), (1, 2, 4), (4, 8)):

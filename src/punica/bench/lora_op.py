@@ -3,7 +3,10 @@
     python -m punica.bench.lora_op [--out-dir benchmarks/results] [--quick] [--sweep]
 
 x[bs, 4096] . A[4096, r] . B[r, 11008], fp16, the four mixes; each figure beside its floor (bytes
-that must move / device-to-device copy bandwidth measured in the same run). Writes lora_op.json and
+that must move / device-to-device copy bandwidth measured in the same run). Beside the default
+launches, the pair forced onto the tile kernels (`ours_graph_tile_us`) and, up to
+ROW_KERNEL_MAX_TOKENS rows, onto the row kernels (`ours_graph_row_us`), so each row shows what the
+row / tile dispatch of `lora_config.use_row_kernels` chose against. Writes lora_op.json and
 lora_op.png to --out-dir; `python -m punica.bench.report` renders the table into RESULTS.md.
 """
 
@@ -22,6 +25,13 @@ import torch
 from punica.bench import lora_cases as lc
 from punica.bench.timing import copy_bandwidth_TBps, eager_us, graph_us, run_info
 from punica.ops import lora, lora_ref
+from punica.ops.lora_config import (
+    ROW_KERNEL_MAX_TOKENS,
+    row_expand_config,
+    row_shrink_config,
+    tile_expand_config,
+    tile_shrink_config,
+)
 
 IN_F, OUT_F = 4096, 11008
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)
@@ -47,8 +57,12 @@ def check(b: lc.Bench) -> float:
     return err
 
 
-def measure(case: lc.Case, copy_tbps: float, l2_bytes: int) -> dict[str, object]:
-    b = lc.build(case, IN_F, OUT_F, torch.float16, l2_bytes)
+def measure(case: lc.Case, copy_tbps: float, l2_bytes: int, in_f: int = IN_F,
+            out_f: int = OUT_F, device: str = "cuda") -> dict[str, object]:
+    """One row of lora_op.json: our op (default launches, eager and CUDA graph; the pair forced
+    onto the tile kernels, and onto the row kernels up to ROW_KERNEL_MAX_TOKENS rows), the
+    peers and the floor, at x[bs, in_f] . A . B[r, out_f] fp16."""
+    b = lc.build(case, in_f, out_f, torch.float16, l2_bytes, device=device)
     first = b.calls[0]
     row: dict[str, object] = {"mix": case.mix, "bs": case.bs, "rank": case.rank,
                               "adapters": b.num_adapters, "rotations": len(b.calls)}
@@ -60,10 +74,27 @@ def measure(case: lc.Case, copy_tbps: float, l2_bytes: int) -> dict[str, object]
     os.environ["PUNICA_DISABLE_PDL"] = "1"
     row["ours_graph_nopdl_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
     del os.environ["PUNICA_DISABLE_PDL"]
+    for family, shrink, expand in forced_pairs(case, b.num_adapters, in_f, out_f):
+        row[f"ours_graph_{family}_us"] = graph_us([_bind(lc.ours, b, c, shrink, expand)
+                                                   for c in b.calls])
     row["loop_us"] = eager_us(lambda: lc.loop(b, first))
     row["gather_bmm_us"] = eager_us(lambda: lc.gather_bmm(b, first))
-    row["floor_us"] = b.floor_bytes(IN_F, OUT_F) / (copy_tbps * 1e12) * 1e6
+    row["floor_us"] = b.floor_bytes(in_f, out_f) / (copy_tbps * 1e12) * 1e6
     return row
+
+
+def forced_pairs(case: lc.Case, num_segments: int, in_f: int, out_f: int,
+                 ) -> list[tuple[str, lora.ShrinkConfig, lora.ExpandConfig]]:
+    """(family, shrink, expand) of the pair forced onto the tile kernels and, for batches of up
+    to ROW_KERNEL_MAX_TOKENS rows, onto the row kernels, whatever the default picks; the expand
+    launched right after its shrink (PDL where supported), as add_lora does."""
+    bs, rank = case.bs, case.rank
+    pairs = [("tile", tile_shrink_config(bs, num_segments, in_f, rank),
+              tile_expand_config(bs, num_segments, out_f, rank))]
+    if bs <= ROW_KERNEL_MAX_TOKENS:
+        pairs.append(("row", row_shrink_config(bs, num_segments, in_f, rank),
+                      row_expand_config(bs, num_segments, rank)))
+    return [(f, s, dataclasses.replace(e, use_pdl=None)) for f, s, e in pairs]
 
 
 def sweep(l2_bytes: int) -> list[dict[str, object]]:
@@ -141,13 +172,17 @@ def _sweep_only(out_dir: Path, copy_tbps: float, l2_bytes: int, argv: list[str] 
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    cols = ("mix", "bs", "rank", "floor_us", "ours_graph_us", "ours_graph_reduce_us",
-            "ours_graph_nopdl_us", "ours_us", "loop_us",
-            "gather_bmm_us", "rel_err")
-    print(" | ".join(f"{c[:9]:>9}" for c in cols))
+    """The rows as a plain-text table ('—' where a row lacks a figure, e.g. the row pair past
+    ROW_KERNEL_MAX_TOKENS)."""
+    cols = (("mix", "mix"), ("bs", "bs"), ("rank", "rank"), ("floor_us", "floor"),
+            ("ours_graph_us", "graph"), ("ours_graph_tile_us", "graph_tile"),
+            ("ours_graph_row_us", "graph_row"), ("ours_graph_reduce_us", "graph_red"),
+            ("ours_graph_nopdl_us", "graph_nopdl"), ("ours_us", "eager"), ("loop_us", "loop"),
+            ("gather_bmm_us", "gather_bmm"), ("rel_err", "rel_err"))
+    print(" | ".join(f"{label:>11}" for _, label in cols))
     for r in rows:
-        print(" | ".join(f"{r[c]:>9.4g}" if isinstance(r[c], float) else f"{r[c]:>9}"
-                         for c in cols))
+        print(" | ".join(f"{r[c]:>11.4g}" if isinstance(r.get(c), float)
+                         else f"{r.get(c, '—')!s:>11}" for c, _ in cols))
 
 
 def main(argv: list[str] | None = None) -> int:

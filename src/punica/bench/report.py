@@ -14,18 +14,21 @@ from pathlib import Path
 
 
 def lora_op_table(result: dict) -> str:
+    """The lora_op.json rows as a markdown table; figures a run predates read '—'."""
     head = (f"Device {result['device']}, torch {result['torch']}, triton {result['triton']}, "
             f"commit `{result['commit'][:12]}`, {result['date']}; copy bandwidth "
             f"{result['copy_TBps']:.2f} TB/s. Command: `{result['command']}`.\n\n"
-            "| mix | bs | rank | floor µs | ours (graph) µs | graph, reduce in shrink µs | "
+            "| mix | bs | rank | floor µs | ours (graph) µs | graph, tile kernels µs | "
+            "graph, row kernels µs | graph, reduce in shrink µs | "
             "graph, no PDL µs | ours (eager) µs | loop µs | gather-BMM µs | graph ÷ floor | "
             "gather-BMM ÷ ours | rel. err |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in result["rows"]:
         lines.append(
             f"| {r['mix']} | {r['bs']} | {r['rank']} | {r['floor_us']:.1f} | "
-            f"{r['ours_graph_us']:.1f} | {_opt(r, 'ours_graph_reduce_us')} | "
+            f"{r['ours_graph_us']:.1f} | {_opt(r, 'ours_graph_tile_us')} | "
+            f"{_opt(r, 'ours_graph_row_us')} | {_opt(r, 'ours_graph_reduce_us')} | "
             f"{r['ours_graph_nopdl_us']:.1f} | {r['ours_us']:.0f} | "
             f"{r['loop_us']:.0f} | "
             f"{r['gather_bmm_us']:.0f} | {r['ours_graph_us'] / r['floor_us']:.2f} | "
