@@ -23,7 +23,7 @@ def test_decode_batch_gets_split_k_and_prefill_does_not() -> None:
     assert lora.shrink_config(64, 64, 4096, 16).num_splits == 8
     assert lora.shrink_config(128, 128, 4096, 16).num_splits == 4
     assert lora_config.row_shrink_config(64, 64, 4096, 64).num_splits == 4
-    assert lora.shrink_config(64, 64, 4096, 64).num_splits == 16  # tile kernel past rank 32
+    assert lora.shrink_config(64, 64, 4096, 64).num_splits == 16  # tile kernel past rank 16
     assert lora.shrink_config(64, 8, 4096, 16).num_splits == 4  # rows share adapters
     assert lora.shrink_config(32, 4, 4096, 16).num_splits == 8
     assert lora.shrink_config(512, 4, 4096, 16).num_splits == 8
@@ -42,26 +42,27 @@ DECODE_SHAPES = ((1, 1), (8, 8), (32, 32), (64, 64), (64, 8), (64, 1), (128, 128
                  (400, 100))
 
 
-def test_row_kernels_only_up_to_rank_32() -> None:
-    """Rank 64 and 128 decode batches go to the tile kernels (H200: rank 64 bs 64 Distinct,
-    row pair 87.8 us vs tile pair 45.7 us); ranks <= ROW_KERNEL_MAX_RANK stay on rows."""
-    assert lora_config.ROW_KERNEL_MAX_RANK == 32
+def test_row_kernels_only_up_to_rank_16() -> None:
+    """Rank 32, 64 and 128 decode batches go to the tile kernels (H200, bs 64: rank 64 Distinct
+    row pair 87.0 us vs tile 46.1; rank 32 Uniform 21.7 vs 13.5); ranks <= ROW_KERNEL_MAX_RANK
+    stay on rows."""
+    assert lora_config.ROW_KERNEL_MAX_RANK == 16
     for T, S in DECODE_SHAPES:
-        for rank in (1, 8, 16, 17, 32):
+        for rank in (1, 8, 15, 16):
             assert lora_config.use_row_kernels(T, S, rank)
             assert lora.shrink_config(T, S, 4096, rank).block_m == 1, (T, S, rank)
             assert lora.expand_config(T, S, 11008, rank).block_m == 1, (T, S, rank)
-        for rank in (33, 64, 128):
+        for rank in (17, 32, 33, 64, 128):
             assert not lora_config.use_row_kernels(T, S, rank)
             assert lora.shrink_config(T, S, 4096, rank).block_m >= 16, (T, S, rank)
             assert lora.expand_config(T, S, 11008, rank).block_m >= 16, (T, S, rank)
     assert lora.shrink_config(64, 64, 4096, 64) == lora.ShrinkConfig(16, 64, 64, 16)
     assert lora.expand_config(64, 64, 11008, 64) == lora.ExpandConfig(16, 128, 64, 8)
     assert lora.shrink_config(64, 64, 4096, 16) == lora.ShrinkConfig(1, 16, 256, 8)
-    assert lora.shrink_config(64, 64, 4096, 32) == lora.ShrinkConfig(1, 32, 128, 4)
-    # max_rank is per slice: three rank-32 slices stay on rows, three rank-64 ones do not
-    assert lora.shrink_config(64, 64, 4096, 32, 3).block_m == 1
-    assert lora.shrink_config(64, 64, 4096, 64, 3).block_m == 16
+    assert lora_config.row_shrink_config(64, 64, 4096, 32) == lora.ShrinkConfig(1, 32, 128, 4)
+    # max_rank is per slice: three rank-16 slices stay on rows, three rank-32 ones do not
+    assert lora.shrink_config(64, 64, 4096, 16, 3).block_m == 1
+    assert lora.shrink_config(64, 64, 4096, 32, 3).block_m == 16
 
 
 @pytest.mark.parametrize("rank", (8, 16, 32, 64, 128))
@@ -108,8 +109,8 @@ def test_expand_holds_the_whole_rank_and_shrinks_tiles_as_it_grows() -> None:
     assert lora.expand_config(8, 8, 11008, 16) == lora.ExpandConfig(1, 512, 16, 1)
     assert lora.expand_config(32, 32, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 1)
     # register tiles of at most 16 x 1024 (tests/ops/test_kernel_resources.py)
-    assert lora.expand_config(64, 64, 11008, 32) == lora.ExpandConfig(1, 512, 32, 2)
-    # rank 64 and 128 rows: reachable by explicit config only (ROW_KERNEL_MAX_RANK)
+    assert lora_config.row_expand_config(64, 64, 32) == lora.ExpandConfig(1, 512, 32, 2)
+    # rank 32, 64 and 128 rows: reachable by explicit config only (ROW_KERNEL_MAX_RANK)
     assert lora_config.row_expand_config(64, 64, 64) == lora.ExpandConfig(1, 256, 64, 2)
     assert lora_config.row_expand_config(64, 64, 128) == lora.ExpandConfig(1, 128, 128, 2)
     assert lora.expand_config(64, 64, 11008, 128) == lora.ExpandConfig(16, 64, 128, 8,

@@ -29,11 +29,13 @@ EXPAND_8_WARPS_TILE = 2048
 # every mix (distinct bs 64: 14.2 vs 19.2 us; identical bs 64: 9.0 vs 12.6; bs 1: 5.4 vs 8.6).
 ROW_KERNEL_MAX_TOKENS = 128
 ROW_KERNEL_MAX_MEAN_LEN = 4
-# ...and only for rank tiles up to this (per slice): at rank 64, bs 64 Distinct on the H200 the
-# row pair took 87.8 us (lora_op.json, aa2270f) against 45.7 us for the tile pair (row_probe.json,
-# 730c441: the tile configs of today at that shape; its row pair, before the register caps below,
-# 43.3 us). Past it, decode-shaped batches go to the tile kernels too.
-ROW_KERNEL_MAX_RANK = 32
+# ...and only for rank tiles up to this (per slice). H200, bs 64, 4096 -> 11008, graph replay
+# (lora_op.json, run between 9a33e71 and b301dcc; columns graph_row / graph_tile): rank 64 row
+# pair 87.0 / 70.1 / 67.3 us (Distinct / Uniform / Identical) vs tile 46.1 / 13.8 / 27.9; rank 32
+# row 31.0 / 21.7 / 20.4 vs tile 31.4 / 13.5 / 17.7; rank 16 row 14.9 / 9.5 / 8.8 vs tile 19.7 /
+# 10.3 / 12.5; rank 8 row 12.0 vs tile 17.9 (Distinct). Past rank 16 the tile pair is as fast or
+# faster in every mix.
+ROW_KERNEL_MAX_RANK = 16
 # Row shrink: split-K programs x (block_r / 16) aimed at this many (8 splits at bs 64, 4 at 128,
 # 16 at bs <= 32 were the fastest measured).
 ROW_SHRINK_TARGET_PROGRAMS = 512
