@@ -25,6 +25,23 @@ from punica.models.rope import Rotary
 BLOCK_SIZE = 16
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight: what each step reads at least once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def adapter_bytes(arch: ModelArch, rank: int, elem: int) -> int:
+    """Bytes of one adapter of `rank` on all seven projections of every layer."""
+    per_layer = sum(rank * sum(arch.proj_shape(p)) for p in
+                    ("q", "k", "v", "o", "gate", "up", "down"))
+    return per_layer * arch.num_layers * elem
+
+
+def kv_bytes_per_token(arch: ModelArch, elem: int) -> int:
+    """K and V of one token over all layers."""
+    return arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * elem
+
+
 @dataclass
 class Rig:
     arch: ModelArch
@@ -59,17 +76,13 @@ class Rig:
         return cls(arch, model, kv, pool, rotary, device, backend, graphs)
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return weight_bytes(self.model)
 
     def adapter_bytes(self, rank: int) -> int:
-        elem = self.kv_cache.element_size()
-        per_layer = sum(rank * sum(self.arch.proj_shape(p)) for p in
-                        ("q", "k", "v", "o", "gate", "up", "down"))
-        return per_layer * self.arch.num_layers * elem
+        return adapter_bytes(self.arch, rank, self.kv_cache.element_size())
 
     def kv_bytes_per_token(self) -> int:
-        a = self.arch
-        return a.num_layers * 2 * a.num_kv_heads * a.head_dim * self.kv_cache.element_size()
+        return kv_bytes_per_token(self.arch, self.kv_cache.element_size())
 
     def batch(self, new_tokens: list[int], contexts: list[int], slots: list[int]) -> Batch:
         """Sequences with contexts[b] tokens, the last new_tokens[b] computed this step."""

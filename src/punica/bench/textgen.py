@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from punica.bench import textgen_floor
+from punica.bench.rig import adapter_bytes, copy_GBps, kv_bytes_per_token, weight_bytes
 from punica.bench.timing import run_info
 from punica.bench.workloads import adapter_of_requests, request_lengths
 from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
@@ -50,6 +52,22 @@ def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: lis
     total = sum(p for p, _ in requests) + out_tokens
     return {"wall_s": wall, "tok_s": total / wall, "output_tok_s": out_tokens / wall,
             "requests": done, "step_stats": engine.step_stats.summary()}
+
+
+def floor_report(engine: LLMEngine, requests: list[tuple[int, int]],
+                 adapters: list[str | None], rank: int, copy_gbps: float,
+                 stats: dict[str, object]) -> dict[str, object]:
+    """floor_tok_s of the run: its schedule replayed without a model, each step at the bytes it
+    must read ÷ the copy bandwidth measured in this run (punica.bench.textgen_floor)."""
+    r = textgen_floor.replay(requests, adapters, engine.config.scheduler,
+                             engine.slots.num_slots, engine.scheduler.blocks.num_blocks,
+                             engine.config.cache.block_size)
+    elem = engine.kv_cache.element_size()
+    floor = textgen_floor.floor_s(r, weight_bytes(engine.model),
+                                  adapter_bytes(engine.arch, rank, elem),
+                                  kv_bytes_per_token(engine.arch, elem), copy_gbps)
+    return {"floor_tok_s": r.tokens / floor, "floor_s": floor, "replay_steps": r.steps,
+            "share_of_floor": floor / stats["wall_s"]}
 
 
 def _breakdown(s: dict[str, float]) -> str:
@@ -134,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = run_info("punica bench textgen " + " ".join(argv or sys.argv[1:]))
+    copy_gbps = copy_GBps(device, 1 << 28 if device.type == "cuda" else 1 << 20)
+    info["copy_GBps"] = copy_gbps
 
     def save() -> None:  # after every run, so a run cut short still leaves its rows
         (out / "textgen.json").write_text(json.dumps(
@@ -168,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             adapters = [None if mix == "no-lora" else names[i] for i in ids]
             stats = run_engine(engine, requests, adapters, arch.vocab_size, f"{mix} cap {cap}")
             rows.append({"engine": "punica", "mix": mix, "cap": cap, **stats,
+                         **floor_report(engine, requests, adapters, args.rank, copy_gbps,
+                                        stats),
                          **memory_report(engine), "warmup_s": warmup_s,
                          "graphs": engine.graphs.num_graphs if engine.graphs else 0})
             save()
@@ -179,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['engine']:>8} {r['mix']:>9} cap={r['cap']:<4} {r['tok_s']:10.1f} tok/s "
               f"({r['output_tok_s']:.1f} output tok/s, {r['wall_s']:.1f} s)"
+              + (f", floor {r['floor_tok_s']:.0f} tok/s" if "floor_tok_s" in r else "")
               + (f", KV pool {r['kv_pool_gib']:.1f} GiB" if "kv_pool_gib" in r else "")
               + (_breakdown(r["step_stats"]) if "step_stats" in r else ""))
     return 0
