@@ -52,3 +52,21 @@ def test_replay_steps_equal_the_engines() -> None:
                num_blocks=engine.scheduler.blocks.num_blocks)
     assert r.steps == engine.step_stats.steps
     assert r.tokens == sum(p + o for p, o in requests)
+
+
+def test_textgen_table_renders_breakdown_and_floor() -> None:
+    from punica.bench.report import textgen_table
+
+    stats = {"steps": 10, "eager_steps": 1, "schedule_ms": 0.5, "forward_ms": 0.25,
+             "sample_ms": 8.0, "finish_ms": 0.125}
+    result = {"device": "GPU", "torch": "t", "commit": "abc", "date": "d", "num_requests": 2,
+              "maxlen": 64, "command": "punica bench textgen", "rows": [
+                  {"engine": "hf+peft", "mix": "distinct", "cap": 2, "tok_s": 20.0,
+                   "output_tok_s": 10.0, "wall_s": 3.0},
+                  {"engine": "punica", "mix": "distinct", "cap": 0, "tok_s": 1800.0,
+                   "output_tok_s": 1750.0, "wall_s": 4.0, "floor_tok_s": 3600.0,
+                   "step_stats": stats}]}
+    table = textgen_table(result)
+    assert "| hf+peft | distinct | 2 | 20 | 10 | 3.0 | — | — | — | — |" in table
+    assert ("| punica | distinct | none | 1800 | 1750 | 4.0 | 3600 | 50% | "
+            "0.50 / 0.25 / 8.00 / 0.12 | 10 (1) |") in table

@@ -3,7 +3,7 @@
     python -m punica.bench.report [--results benchmarks/results]
 
 RESULTS.md keeps hand-written notes; the sections between `<!-- NAME:begin -->` and
-`<!-- NAME:end -->` are regenerated from NAME.json (lora_op, decode) when that file exists.
+`<!-- NAME:end -->` are regenerated from NAME.json (lora_op, decode, textgen) when that file exists.
 """
 
 from __future__ import annotations
@@ -60,6 +60,28 @@ def decode_table(result: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def textgen_table(result: dict) -> str:
+    head = (f"Device {result['device']}, torch {result['torch']}, commit "
+            f"`{result['commit'][:12]}`, {result['date']}; {result['num_requests']} requests, "
+            f"maxlen {result['maxlen']}. Command: `{result['command']}`.\n\n"
+            "| engine | mix | cap | tok/s | output tok/s | wall s | floor tok/s | % of floor | "
+            "ms per step: schedule / forward / sample+wait / finish | steps (eager) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in result["rows"]:
+        s = r.get("step_stats")
+        steps = (f"{s['schedule_ms']:.2f} / {s['forward_ms']:.2f} / {s['sample_ms']:.2f} / "
+                 f"{s['finish_ms']:.2f}" if s else "—")
+        count = f"{s['steps']} ({s['eager_steps']})" if s else "—"
+        floor = f"{r['floor_tok_s']:.0f}" if "floor_tok_s" in r else "—"
+        share = f"{100 * r['tok_s'] / r['floor_tok_s']:.0f}%" if "floor_tok_s" in r else "—"
+        cap = "none" if r["cap"] == 0 else r["cap"]
+        lines.append(f"| {r['engine']} | {r['mix']} | {cap} | {r['tok_s']:.0f} | "
+                     f"{r['output_tok_s']:.0f} | {r['wall_s']:.1f} | {floor} | {share} | "
+                     f"{steps} | {count} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     if begin not in text:
@@ -72,7 +94,8 @@ def replace_section(text: str, name: str, body: str) -> str:
 def update_results_md(results_dir: Path) -> None:
     md_path = results_dir / "RESULTS.md"
     text = md_path.read_text() if md_path.exists() else "# Benchmark results\n"
-    for name, render in (("lora_op", lora_op_table), ("decode", decode_table)):
+    for name, render in (("lora_op", lora_op_table), ("decode", decode_table),
+                         ("textgen", textgen_table)):
         path = results_dir / f"{name}.json"
         if path.exists():
             text = replace_section(text, name, render(json.loads(path.read_text())))
