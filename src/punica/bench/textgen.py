@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-loras", type=int, default=128)
     ap.add_argument("--hf-requests", type=int, default=8, help="0 skips HF + PEFT")
     ap.add_argument("--hf-max-new", type=int, default=64, help="new tokens per HF request")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="the engine schedules step k+1 while step k runs")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV pool size on the CPU")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every run, so a run cut short still leaves its rows
         (out / "textgen.json").write_text(json.dumps(
             {**info, "arch": args.arch, "num_requests": args.num_requests,
+             "async_scheduling": args.async_scheduling,
              "maxlen": args.maxlen, "rows": rows}, indent=1))
 
     if args.hf_requests:
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             cache=CacheConfig(kv_cache_bytes=int(args.kv_cache_gb * 2**30)),
             lora=LoraConfig(max_loras=min(args.max_loras, args.num_requests),
                             max_lora_rank=args.rank),
-            scheduler=SchedulerConfig(max_num_seqs=cap or 512, max_num_batched_tokens=8192)),
+            scheduler=SchedulerConfig(max_num_seqs=cap or 512, max_num_batched_tokens=8192,
+                                      async_scheduling=args.async_scheduling)),
             model=model)
         warmup_s = engine.warmup()  # graph captures stay out of the timed runs
         names = {i: f"a{i}" for i in range(args.num_requests)}

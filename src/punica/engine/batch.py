@@ -31,6 +31,11 @@ class Batch:
     seq_lens_t: torch.Tensor  # [B] int32
     block_tables_t: torch.Tensor  # [B, max_blocks] int32, zero padded
     decode_only: bool  # every sequence has exactly one query row
+    gather_rows: torch.Tensor | None = None
+    """[G] int64: rows whose input id is the previous step's sampled token, still on the
+    device (async scheduling: the placeholder's position); None when there are none."""
+    gather_src: torch.Tensor | None = None
+    """[G] int64: for each gather row, its token's index in the previous step's tokens."""
 
     @property
     def num_tokens(self) -> int:
@@ -38,8 +43,14 @@ class Batch:
 
 
 def build_batch(scheduled: list[ScheduledSeq], block_tables: Mapping[int, list[int]],
-                block_size: int, device: torch.device) -> Batch:
+                block_size: int, device: torch.device,
+                gather: Mapping[int, int] | None = None) -> Batch:
+    """`gather`: seq_id -> index in the previous step's device tokens, for sequences whose last
+    output id is the placeholder (engine/inflight.py); that row's id is filled on the device."""
     order = sorted(scheduled, key=lambda s: s.seq.slot)  # stable: arrival order within a slot
+    gather = gather or {}
+    gather_rows: list[int] = []
+    gather_src: list[int] = []
     ids: list[int] = []
     pos: list[int] = []
     slot_map: list[int] = []
@@ -53,6 +64,13 @@ def build_batch(scheduled: list[ScheduledSeq], block_tables: Mapping[int, list[i
         pos.extend(span)
         slot_map.extend(table[p // block_size] * block_size + p % block_size for p in span)
         cu.append(cu[-1] + s.num_new_tokens)
+        if ids[-1] < 0:  # the placeholder: the last token of a sequence waiting for it
+            if s.seq.seq_id not in gather or s.start + s.num_new_tokens != s.seq.num_tokens:
+                raise ValueError(f"sequence {s.seq.seq_id}: a placeholder token with no "
+                                 "previous-step token to gather")
+            ids[-1] = 0
+            gather_rows.append(cu[-1] - 1)
+            gather_src.append(gather[s.seq.seq_id])
         seq_lens.append(s.start + s.num_new_tokens)
         tables.append(table)
         if s.samples:
@@ -64,8 +82,10 @@ def build_batch(scheduled: list[ScheduledSeq], block_tables: Mapping[int, list[i
             seg_slots.append(s.seq.slot)
             seg_bounds.append(cu[-1])
 
+    pin = device.type == "cuda"  # pinned sources: the copies never wait for a running step
+
     def as_tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
     width = max((len(t) for t in tables), default=0)
     padded = [t + [0] * (width - len(t)) for t in tables]
@@ -77,7 +97,9 @@ def build_batch(scheduled: list[ScheduledSeq], block_tables: Mapping[int, list[i
                                                                               torch.int32),
         order=order,
         cu_seqlens_q_t=as_tensor(cu, torch.int32), seq_lens_t=as_tensor(seq_lens, torch.int32),
-        block_tables_t=torch.tensor(padded, dtype=torch.int32).reshape(len(tables), width).to(
-            device, non_blocking=True),
+        block_tables_t=torch.tensor(padded, dtype=torch.int32, pin_memory=pin).reshape(
+            len(tables), width).to(device, non_blocking=True),
         decode_only=all(s.num_new_tokens == 1 for s in order),
+        gather_rows=as_tensor(gather_rows, torch.int64) if gather_rows else None,
+        gather_src=as_tensor(gather_src, torch.int64) if gather_src else None,
     )

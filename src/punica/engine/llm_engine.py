@@ -12,11 +12,12 @@ from punica.config import EngineConfig
 from punica.engine.batch import build_batch
 from punica.engine.block_manager import BlockManager
 from punica.engine.cuda_graph import StepGraphs
+from punica.engine.inflight import PLACEHOLDER, InFlight, has_placeholder, real_output_ids
 from punica.engine.outputs import CompletionOutput, RequestOutput
-from punica.engine.sampler import sample
+from punica.engine.sampler import logprobs_of, sample_tokens
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import Scheduler, SchedulerOutput
-from punica.engine.sequence import Sequence
+from punica.engine.sequence import SeqStatus, Sequence
 from punica.engine.sizing import kv_blocks, kv_budget
 from punica.engine.step_stats import StepStats
 from punica.engine.stops import StopChecker
@@ -87,6 +88,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
         self._generators: dict[int, torch.Generator | None] = {}
+        self._inflight: InFlight | None = None
+        """The step launched by the last call, not settled yet (async scheduling)."""
 
     # Adapters ---------------------------------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:
@@ -157,16 +160,33 @@ class LLMEngine:
         """Run one step; return the requests that finished in it and, with `updates`, also those
         that got a token (`finished` tells which; finished requests are forgotten by the engine).
         Batch callers pass updates=False: building outputs copies every running request's
-        tokens each step."""
+        tokens each step.
+
+        With `async_scheduling` the step launched here is settled by the next call (its tokens
+        arrive one call later; engine/inflight.py), and the step launched by the previous call
+        is settled here, after this one is launched."""
         st = self.step_stats
         t0 = time.perf_counter()
         timed = st.schedule_s + st.forward_s + st.sample_s
-        out = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
         touched: set[str] = set()
-        if not out.scheduled:
+        overlap = self.config.scheduler.async_scheduling and not self._needs_history()
+        if prev is not None and not overlap:
+            touched |= self._settle(prev)
+            prev = None
+        if prev is not None:
+            self._reserve(prev)
+        out = self.scheduler.schedule()
+        if out.scheduled:
+            launched = self._launch(out, prev, t0)
+            if overlap:
+                self._inflight = launched
+            else:
+                touched |= self._settle(launched)
+        elif prev is None and not touched:
             self._unstick()
-        else:
-            touched = self._run(out, t0)
+        if prev is not None:
+            touched |= self._settle(prev)
         finished = self._collect_finished()
         if updates:
             done = {o.request_id for o in finished}
@@ -185,14 +205,34 @@ class LLMEngine:
             return 0.0
         return self.graphs.warmup()
 
-    def _run(self, out: SchedulerOutput, t0: float) -> set[str]:
+    def _needs_history(self) -> bool:
+        """Whether a request's sampling reads its previous tokens on the host (penalties)."""
+        return any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0 or
+                   s.params.frequency_penalty != 0.0
+                   for s in itertools.chain(self.scheduler.running, self.scheduler.waiting))
+
+    def _reserve(self, prev: InFlight) -> None:
+        """Placeholders for the sequences of the step in flight that go on (not finishing by
+        length there), so that the scheduler gives them their next position now."""
+        for seq in prev.seqs:
+            if seq.status is SeqStatus.RUNNING and not has_placeholder(seq) and \
+                    not self.stops.finishes_by_length(seq):
+                seq.output_ids.append(PLACEHOLDER)
+
+    def _launch(self, out: SchedulerOutput, prev: InFlight | None, t0: float) -> InFlight:
+        """Load adapters, build the batch (rows of placeholders read `prev`'s tokens on the
+        device), run the forward pass and sample on the device."""
         st = self.step_stats
         for slot, name in out.loads:
             self.lora_pool.load(slot, self.registry.get(name))
         self.stats["adapter_loads"] += len(out.loads)
         self.stats["adapter_evictions"] += len(out.evicted)
         batch = build_batch(out.scheduled, self.scheduler.blocks.tables,
-                            self.config.cache.block_size, self.device)
+                            self.config.cache.block_size, self.device,
+                            prev.gather_index() if prev is not None else None)
+        if batch.gather_rows is not None:
+            batch.input_ids.index_copy_(0, batch.gather_rows,
+                                        prev.tokens.index_select(0, batch.gather_src))
         uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
         t1 = time.perf_counter()
         st.schedule_s += t1 - t0
@@ -209,18 +249,32 @@ class LLMEngine:
         self.scheduler.advance(out)
         t2 = time.perf_counter()
         st.forward_s += t2 - t1
-        if not batch.sampled:
-            return set()
         seqs = [s.seq for s in batch.sampled]
-        result = sample(logits, [s.params for s in seqs], [s.prompt_ids for s in seqs],
-                        [s.output_ids for s in seqs],
-                        [self._generators[s.seq_id] for s in seqs], self.generator)
+        tokens, raw = sample_tokens(logits, [s.params for s in seqs],
+                                    [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+                                    [self._generators[s.seq_id] for s in seqs], self.generator)
+        launched = InFlight.launch(seqs, tokens, raw)
         st.sample_s += time.perf_counter() - t2
-        for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
+        return launched
+
+    def _settle(self, f: InFlight) -> set[str]:
+        """Wait for a launched step's tokens; append them (in place of placeholders), run the
+        stop checks; returns the requests that got a token."""
+        t = time.perf_counter()
+        ids = f.wait()
+        self.step_stats.sample_s += time.perf_counter() - t
+        lps = logprobs_of(f.raw_logprobs, ids, [s.params for s in f.seqs])
+        touched = set()
+        for seq, token, lp in zip(f.seqs, ids, lps, strict=True):
+            if seq.is_finished:  # stopped or aborted while this step was in flight
+                continue
+            if has_placeholder(seq):
+                seq.output_ids.pop()
             reason = self.stops.append(seq, token, lp)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-        return {seq.request_id for seq in seqs}
+            touched.add(seq.request_id)
+        return touched
 
     def _unstick(self) -> None:
         """Nothing could be scheduled: fail the head request rather than hang."""
@@ -242,6 +296,6 @@ class LLMEngine:
 
     def output_of(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         return RequestOutput(request_id, list(seqs[0].prompt_ids), [
-            CompletionOutput(i, list(s.output_ids), s.output_text, s.finish_reason,
+            CompletionOutput(i, real_output_ids(s), s.output_text, s.finish_reason,
                              list(s.logprobs) if s.params.logprobs is not None else None)
             for i, s in enumerate(seqs)], finished=all(s.is_finished for s in seqs))

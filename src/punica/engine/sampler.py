@@ -84,28 +84,44 @@ def _exponential_noise(like: torch.Tensor, generators: list[torch.Generator | No
     return noise
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
-           output_ids: list[list[int]], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> SampleResult:
-    """One token per row of float32 `logits` [N, vocab]. A row's generator (None: the shared
-    `default_generator`) supplies its sampling noise.
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  prompt_ids: list[list[int]], output_ids: list[list[int]],
+                  generators: list[torch.Generator | None],
+                  default_generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token per row of float32 `logits` [N, vocab], left on the device: (tokens [N] int64,
+    the raw log-softmax [N, vocab] when a row asks for logprobs, else None). No host sync.
 
-    Fast paths (one step's host time is the GPU's idle time): an all-greedy batch without
-    penalties or logprobs is one argmax; logprobs are computed only when asked for."""
-    want_logprobs = any(p.logprobs is not None for p in params)
-    raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+    A row's generator (None: the shared `default_generator`) supplies its sampling noise. An
+    all-greedy batch without penalties is one argmax."""
+    raw_logprobs = (logits.log_softmax(-1) if any(p.logprobs is not None for p in params)
+                    else None)
     logits = apply_penalties(logits, params, prompt_ids, output_ids)
     greedy_ids = logits.argmax(-1)
     if all(p.greedy for p in params):
-        tokens = greedy_ids.tolist()
-    else:
-        probs = filter_logits(logits, params).softmax(-1)
-        sampled = (probs / _exponential_noise(probs, generators, default_generator)).argmax(-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        tokens = torch.where(is_greedy, greedy_ids, sampled).tolist()
-    if raw_logprobs is None:
-        return SampleResult(tokens, [None] * len(tokens))
-    return SampleResult(tokens, _logprobs(raw_logprobs, tokens, params))
+        return greedy_ids, raw_logprobs
+    probs = filter_logits(logits, params).softmax(-1)
+    sampled = (probs / _exponential_noise(probs, generators, default_generator)).argmax(-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    return torch.where(is_greedy, greedy_ids, sampled), raw_logprobs
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+           output_ids: list[list[int]], generators: list[torch.Generator | None],
+           default_generator: torch.Generator | None = None) -> SampleResult:
+    """sample_tokens, then the tokens and their logprobs on the host (one sync)."""
+    tokens, raw = sample_tokens(logits, params, prompt_ids, output_ids, generators,
+                                default_generator)
+    ids = tokens.tolist()
+    return SampleResult(ids, logprobs_of(raw, ids, params))
+
+
+def logprobs_of(logprobs: torch.Tensor | None, tokens: list[int],
+                params: list[SamplingParams]) -> list[dict[int, float] | None]:
+    """Per row: None, or {sampled token: logprob} plus the top `params.logprobs` entries."""
+    if logprobs is None:
+        return [None] * len(tokens)
+    return _logprobs(logprobs, tokens, params)
 
 
 def _logprobs(logprobs: torch.Tensor, tokens: list[int], params: list[SamplingParams]

@@ -26,6 +26,9 @@ class SchedulerConfig:
     """Most sequences running at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill chunks + decodes)."""
+    async_scheduling: bool = False
+    """Schedule and launch step k+1 while step k still runs on the device (engine/inflight.py);
+    requests with penalties fall back to synchronous steps."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -91,6 +94,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if n == 0:  # its next token is still being sampled (async scheduling): skip
+                i += 1
+                continue
             while not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)

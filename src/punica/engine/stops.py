@@ -31,6 +31,11 @@ class StopChecker:
         if self.tokenizer is not None:
             self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
 
+    def finishes_by_length(self, seq: Sequence) -> bool:
+        """Whether the next token appended ends `seq` by max_tokens or max_model_len."""
+        return (len(seq.output_ids) + 1 >= seq.params.max_tokens or
+                seq.num_tokens + 1 >= self.max_model_len)
+
     def append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> str | None:
         """Add a sampled token; return the finish reason if the sequence is done."""
         seq.output_ids.append(token)

@@ -36,6 +36,9 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20,
                     help="KV pool size on the CPU")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="schedule and launch each step while the previous one still runs "
+                    "(requests with penalties run synchronous steps)")
     ap.add_argument("--seed", type=int, default=0)
 
 
