@@ -79,7 +79,7 @@ PY
 for step in $STEPS; do
   case $step in
     tests) python3 -m pytest -q -p no:warnings -p no:cacheprovider ${TESTS:-tests} 2>&1 \
-             | tee "$OUT/tests.log" ;;
+             | tee "$OUT/tests.log" | tail -40 | tee "$OUT/tests_tail.log" ;;
     row_probe) python3 scripts/row_probe.py "$OUT" 2>&1 | tee "$OUT/row_probe.log" ;;
     profile) python3 scripts/step_profile.py "$OUT" 2>&1 | grep -v '^USDT' \
                | tee "$OUT/step_profile.log" ;;
