@@ -207,8 +207,7 @@ class LLMEngine:
 
     def _needs_history(self) -> bool:
         """Whether a request's sampling reads its previous tokens on the host (penalties)."""
-        return any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0 or
-                   s.params.frequency_penalty != 0.0
+        return any(s.params.penalised
                    for s in itertools.chain(self.scheduler.running, self.scheduler.waiting))
 
     def _reserve(self, prev: InFlight) -> None:

@@ -28,8 +28,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     """Repetition (prompt + output, HF style), presence and frequency (output, OpenAI style)."""
     n, vocab = logits.shape
     dev = logits.device
-    if all(p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and
-           p.frequency_penalty == 0.0 for p in params):
+    if not any(p.penalised for p in params):
         return logits
     counts = torch.zeros(n, vocab, device=dev)
     seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)

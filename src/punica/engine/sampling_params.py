@@ -69,3 +69,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether sampling reads the request's earlier tokens (any penalty set)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or
+                self.frequency_penalty != 0.0)
