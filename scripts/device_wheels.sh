@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Wheels the device machine lacks, for Python 3.12 there (run here, where pip reaches a registry):
-#   .whl/    the server and its tests: fastapi, starlette, pydantic(-core), uvicorn, openai and
-#            the dependencies the device image does not have (about 6 MB)
-#   .rayw1/  the first 40 MB of Ray's wheel (79 MB: more than one call carries)
-#   .rayw2/  the rest of Ray's wheel, and jsonschema with its dependencies
-# A device call carries .whl and one .rayw folder; a second call on the still-warm machine carries
-# the other (the first stays there). scripts/gpu_check.sh installs them (steps serve, cluster).
+#   .whl/      the server and its tests: fastapi, starlette, pydantic(-core), uvicorn, openai and
+#              the dependencies the device image does not have (about 6 MB)
+#   .rayslim/  Ray's wheel (79 MB: more than one call carries) unpacked without what a cluster of
+#              engine actors never imports (Java jars, RLlib, Data, Serve, Tune, Train, LLM, the
+#              dashboard's web client) and packed again with xz (about 28 MB), plus jsonschema
+#              with its dependencies
+# One device call carries both (scripts/gpu_check.sh installs them: steps serve, cluster, multigpu).
 set -euo pipefail
 fetch() {
   local dir=$1; shift
@@ -20,10 +21,11 @@ fetch .whl fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.
   typing_extensions==4.16.0 sniffio==1.3.1 truststore==0.10.5
 tmp=$(mktemp -d)
 fetch "$tmp" ray==2.60.0
-fetch .rayw2 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+fetch .rayslim jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
   rpds-py==2026.9.1
-mkdir -p .rayw1
-split -b 40m "$tmp"/ray-2.60.0-*.whl .rayw1/ray.part-
-mv .rayw1/ray.part-ab .rayw2/
+python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+  "$tmp"/ray-2.60.0-*.whl "$tmp/x"
+(cd "$tmp/x/ray" && rm -rf jars rllib data serve llm tune train dashboard/client)
+tar -C "$tmp/x" -cJf .rayslim/ray-slim.tar.xz .
 rm -rf "$tmp"
-du -sh .whl .rayw1 .rayw2
+du -sh .whl .rayslim

@@ -148,14 +148,22 @@ def test_migrated_request_equals_unmigrated_output(cluster: ClusterEngine,
         return await asyncio.gather(*(read(cluster, r) for r in rids))
 
     migrations = cluster.stats.migrations
-    before = len(cluster.stats.placements)
+    before, stalls = len(cluster.stats.placements), len(cluster.stats.stalls)
+    start = time.monotonic()
     outs = asyncio.run(main())
+    elapsed = time.monotonic() - start
     placed = list(cluster.stats.placements)[before:]
     # Both start on engine 0; when its 6 blocks run out it hands back the newer request,
     # which resumes on engine 1 by recomputing its prompt and tokens so far.
     assert [(p.engine_id, p.why) for p in placed] == [(0, "new"), (0, "new"), (1, "migrated")]
     assert cluster.stats.migrations == migrations + 1
     assert placed[2].request_id == placed[1].request_id
+    # The migration's added latency was measured once: a gap within the requests' lifetime.
+    assert len(cluster.stats.stalls) == stalls + 1
+    assert 0 < cluster.stats.stalls[-1] < elapsed
+    status = asyncio.run(cluster.status())
+    assert status["migration_stalls_s"][-1] == cluster.stats.stalls[-1]
+    assert [e["num_blocks"] for e in status["engines"]] == [NUM_BLOCKS, NUM_BLOCKS]
     for updates, tokens in zip(outs, want, strict=True):
         assert_continuous(updates)
         assert updates[-1].token_ids == tokens

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from punica.cluster.simulate import SimConfig, Simulator, make_trace
+from punica.cluster.simulate import SimConfig, Simulator, make_trace, trace_of
 from punica.cluster.step_model import StepModel
 
 
@@ -24,6 +24,11 @@ def test_every_request_finishes_once_even_with_migrations(policy: str) -> None:
     if policy == "punica":
         assert sim.migrations > 0  # consolidation on small KV pools forced some
     assert sim.migrations == sum(r.migrations for r in trace)
+    # A migration of a request that had tokens adds one stall, ended by its next token.
+    assert len(sim.stalls) <= sim.migrations and all(s > 0 for s in sim.stalls)
+    assert all(r.migrated_at is None for r in trace)
+    if policy == "punica":
+        assert sim.stalls
     assert all(not g.running and g.kv == 0 for g in sim.gpus)
     assert not sim.queue
 
@@ -55,3 +60,14 @@ def test_step_model_fit_recovers_coefficients(tmp_path: Path) -> None:
     fit = StepModel.fit(path)
     for name in ("c0", "c_batch", "c_prefill", "c_kv"):
         assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+
+
+def test_trace_of_replays_recorded_requests_in_arrival_order() -> None:
+    rows = [{"arrival": 0.5, "adapter": 2, "prompt": 7, "tokens": 3, "ttft": 0.1},
+            {"arrival": 0.0, "adapter": 0, "prompt": 4, "tokens": 0, "ttft": 0.1}]
+    trace = trace_of(rows)
+    assert [(r.rid, r.arrival, r.adapter, r.prompt, r.output) for r in trace] == [
+        (0, 0.0, 0, 4, 1), (1, 0.5, 2, 7, 3)]  # no request asks for fewer than one token
+    sim = Simulator(SimConfig(gpus=1, kv_tokens=4096), StepModel(), "punica")
+    sim.run(trace)
+    assert all(r.finish is not None and r.generated == r.output for r in trace)

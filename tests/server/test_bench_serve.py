@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import pytest
+
+from punica.bench.serve import PER_REQUEST, interarrival_rates
 from punica.cli import main
 from tests.server.conftest import API_KEY, Running, punica_serve
 
@@ -20,6 +24,35 @@ def test_bench_serve_smoke(server: Running, tmp_path: Path) -> None:
     assert result["output_tok_s"] > 0 and result["command"].startswith("punica bench serve")
     assert result["errors"] == {} and result["error_sample"] is None
     assert len(result["per_request"]) == 12 and (tmp_path / "serve.png").stat().st_size > 0
+    rows = result["per_request"]
+    assert all(set(r) == set(PER_REQUEST) for r in rows)
+    assert all(0 <= r["max_gap"] <= r["e2e"] and 0 <= r["adapter"] for r in rows)
+    assert sorted(r["arrival"] for r in rows) == [r["arrival"] for r in rows]  # sent in order
+
+
+def test_rate_ramp_sends_faster_and_faster(server: Running, tmp_path: Path) -> None:
+    rc = main(["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--rate-ramp",
+               "20:400", "--num-requests", "16", "--maxlen", "24", "--vocab", "300",
+               "--out-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert rc == 0 and result["ok"] == 16 and result["rate_ramp"] == "20:400"
+    arrivals = [r["arrival"] for r in result["per_request"]]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    # expovariate gaps, means 50 ms down to 2.5 ms: the first half waits longer in total
+    assert sum(gaps[:7]) > sum(gaps[8:])
+    assert result["start_unix"] > 1.7e9
+
+
+def test_interarrival_rates() -> None:
+    def ns(rate: float, ramp: str | None, n: int) -> argparse.Namespace:
+        return argparse.Namespace(rate=rate, rate_ramp=ramp, num_requests=n)
+
+    assert interarrival_rates(ns(5.0, None, 3)) == [5.0, 5.0, 5.0]
+    assert interarrival_rates(ns(0.0, "1:3", 5)) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert interarrival_rates(ns(0.0, "2:2", 1)) == [2.0]
+    for bad in ("1", "a:b", "0:4", "1:-1"):
+        with pytest.raises(SystemExit, match="--rate-ramp"):
+            interarrival_rates(ns(0.0, bad, 4))
 
 
 def test_failed_requests_are_counted_by_status(server: Running, tmp_path: Path) -> None:

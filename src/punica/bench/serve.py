@@ -1,7 +1,7 @@
 """Online benchmark of a running server: Poisson arrivals, the Punica workload, an adapter mix.
 
-    punica bench serve --url http://127.0.0.1:8000 [--rate 10] [--num-requests 200]
-                       [--mix distinct] [--maxlen 2048] [--api-key KEY]
+    punica bench serve --url http://127.0.0.1:8000 [--rate 10 | --rate-ramp 0.5:4]
+                       [--num-requests 200] [--mix distinct] [--maxlen 2048] [--api-key KEY]
 
 Requests use token-id prompts (lengths from the Punica workload) and stream; TTFT, TPOT and
 end-to-end latency percentiles, throughput, failed requests by HTTP status (with one sample
@@ -32,7 +32,8 @@ async def one(client: httpx.AsyncClient, model: str, prompt: list[int], max_toke
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first, tokens = None, 0
+    first = last = None
+    tokens, max_gap = 0, 0.0
     async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             body = (await r.aread()).decode(errors="replace")
@@ -43,12 +44,34 @@ async def one(client: httpx.AsyncClient, model: str, prompt: list[int], max_toke
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk.get("choices"):
-                first = time.perf_counter()
+            elif chunk.get("choices"):
+                now = time.perf_counter()
+                first = first or now
+                max_gap = max(max_gap, now - (last or now))
+                last = now
     end = time.perf_counter()
     ttft = (first or end) - start
     return {"ttft": ttft, "e2e": end - start, "tokens": tokens, "prompt": len(prompt),
-            "tpot": (end - (first or end)) / max(tokens - 1, 1)}
+            "tpot": (end - (first or end)) / max(tokens - 1, 1), "max_gap": max_gap}
+
+
+def interarrival_rates(args: argparse.Namespace) -> list[float]:
+    """Request i's arrival rate (req/s; 0: all at once): --rate, or --rate-ramp R0:R1 rising
+    linearly from R0 at the first request to R1 at the last."""
+    n = args.num_requests
+    if not args.rate_ramp:
+        return [args.rate] * n
+    try:
+        r0, r1 = (float(v) for v in args.rate_ramp.split(":"))
+    except ValueError:
+        raise SystemExit(f"--rate-ramp: expected R0:R1, got {args.rate_ramp!r}") from None
+    if r0 <= 0 or r1 <= 0:
+        raise SystemExit(f"--rate-ramp: rates must be > 0, got {args.rate_ramp!r}")
+    return [r0 + (r1 - r0) * i / max(n - 1, 1) for i in range(n)]
+
+
+PER_REQUEST = ("arrival", "adapter", "prompt", "tokens", "ttft", "tpot", "e2e", "max_gap")
+"""Recorded for each request that succeeded (times in seconds; arrival from the run's start)."""
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -70,24 +93,30 @@ async def run(args: argparse.Namespace) -> dict:
         rng = random.Random(args.seed)
         order = list(range(args.num_requests))
         rng.shuffle(order)
-        tasks = []
+        rates = interarrival_rates(args)
+        tasks, sent = [], []
         bar = tqdm(total=args.num_requests, desc=f"bench serve {args.mix}", unit="req")
-        start = time.perf_counter()
-        for i in order:
+        start, start_unix = time.perf_counter(), time.time()
+        for i, rate in zip(order, rates, strict=True):
             prompt = [rng.randrange(1, args.vocab) for _ in range(lengths[i][0])]
             model = adapters[ids[i] % len(adapters)]
+            sent.append({"arrival": time.perf_counter() - start,
+                         "adapter": ids[i] % len(adapters)})
             task = asyncio.create_task(one(client, model, prompt, lengths[i][1], headers))
             task.add_done_callback(lambda _: bar.update())
             tasks.append(task)
-            if args.rate > 0:
-                await asyncio.sleep(rng.expovariate(args.rate))
-        results = await asyncio.gather(*tasks)
+            if rate > 0:
+                await asyncio.sleep(rng.expovariate(rate))
+        results = [{**r, **s} for r, s in zip(await asyncio.gather(*tasks), sent,
+                                              strict=True)]
         wall = time.perf_counter() - start
         bar.close()
     ok = [r for r in results if "error" not in r]
     failed = [r for r in results if "error" in r]
     out_tokens = sum(r["tokens"] for r in ok)
-    return {"mix": args.mix, "rate": args.rate, "requests": len(results), "ok": len(ok),
+    return {"mix": args.mix, "rate": args.rate, "rate_ramp": args.rate_ramp,
+            "start_unix": start_unix,
+            "requests": len(results), "ok": len(ok),
             "errors": dict(Counter(str(int(r["error"])) for r in failed)),
             "error_sample": failed[0]["message"] if failed else None,
             "adapters_used": len({ids[i] % len(adapters) for i in range(len(ids))}),
@@ -96,8 +125,7 @@ async def run(args: argparse.Namespace) -> dict:
             "ttft_s": percentiles([r["ttft"] for r in ok]),
             "tpot_s": percentiles([r["tpot"] for r in ok if r["tokens"] > 1]),
             "e2e_s": percentiles([r["e2e"] for r in ok]),
-            "per_request": [{k: r[k] for k in ("ttft", "tpot", "e2e", "tokens", "prompt")}
-                            for r in ok]}
+            "per_request": [{k: r[k] for k in PER_REQUEST} for r in ok]}
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -116,7 +144,8 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"bench serve: {summary['mix']}, {summary['rate']:g} req/s, "
+    rate = summary['rate_ramp'] or f"{summary['rate']:g}"
+    fig.suptitle(f"bench serve: {summary['mix']}, {rate} req/s, "
                  f"{summary['ok']}/{summary['requests']} ok, "
                  f"{summary['output_tok_s']:.0f} output tok/s")
     fig.tight_layout()
@@ -129,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--api-key")
     ap.add_argument("--rate", type=float, default=10.0, help="requests/s (0: all at once)")
+    ap.add_argument("--rate-ramp", metavar="R0:R1", help="arrival rate rising linearly from "
+                    "R0 to R1 req/s over the requests (instead of --rate)")
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--mix", default="distinct",
                     choices=("distinct", "uniform", "skewed", "identical"))

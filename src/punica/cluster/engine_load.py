@@ -53,5 +53,6 @@ class EngineLoad:
         by_adapter = sorted(s.adapters.items(), key=lambda kv: "" if kv[0] is None else kv[0])
         return {"engine_id": s.engine_id, "alive": self.alive, "idle": self.idle,
                 "running": s.running, "max_batch": s.max_batch, "free_blocks": s.free_blocks,
+                "block_size": s.block_size,
                 "requests_by_adapter": {base_name if a is None else a: n for a, n in by_adapter},
                 "resident_adapters": list(self.resident)}

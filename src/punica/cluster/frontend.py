@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from punica.errors import EngineUnavailableError
 POLL_S = 1.0
 """Longest wait of one poll: an idle engine reports its load this often."""
 PLACEMENT_LOG = 4096
+STALL_LOG = 1024
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class _Request:
     why: str = "new"
     last: RequestOutput | None = None
     """The latest update: the tokens so far, replayed where the request resumes."""
+    last_at: float | None = None
+    """When the latest update arrived (monotonic seconds)."""
+    resuming: bool = False
+    """Migrated and not yet heard from again: its next update ends a stall."""
 
     @property
     def tag(self) -> str:
@@ -85,6 +91,9 @@ class _Counters:
     placed: Counter[int] = field(default_factory=Counter)
     """Placements per engine id since start (first placements, migrations and recoveries)."""
     placements: deque[Placement] = field(default_factory=lambda: deque(maxlen=PLACEMENT_LOG))
+    stalls: deque[float] = field(default_factory=lambda: deque(maxlen=STALL_LOG))
+    """Latency a migration added to its request: seconds between the last update before the
+    migration and the first one after (queueing, placement and recomputation)."""
 
 
 class ClusterEngine:
@@ -94,6 +103,7 @@ class ClusterEngine:
         self.engine = ClusterModel(self, infos[0], tokenizer)
         self.max_in_flight = max_in_flight
         self.actors = actors
+        self.infos = infos
         self.stats = _Counters()
         self._loads = [EngineLoad(EngineState(i.engine_id, i.max_batch, 0, i.num_blocks,
                                               i.block_size)) for i in infos]
@@ -249,7 +259,10 @@ class ClusterEngine:
             request = self._current(eid, out.request_id)
             if request is not None:
                 out.request_id = request.rid
-                request.last = out
+                now = time.monotonic()
+                if request.resuming and request.last_at is not None:
+                    self.stats.stalls.append(now - request.last_at)
+                request.last, request.last_at, request.resuming = out, now, False
                 self._deliver(request.rid, out)
                 if out.finished:
                     self._forget(request)
@@ -262,6 +275,7 @@ class ClusterEngine:
             request = self._current(eid, tag)
             if request is not None:
                 self.stats.migrations += 1
+                request.resuming = True
                 self._requeue(request, "migrated", source=eid)
 
     def _current(self, eid: int, tag: str) -> _Request | None:
@@ -322,10 +336,12 @@ class ClusterEngine:
             pass  # the caller's loop is closed: nobody is reading
 
     async def _status(self, base_name: str) -> dict:
-        engines = [load.describe(base_name) for load in self._loads]
+        engines = [{**load.describe(base_name), "num_blocks": info.num_blocks}
+                   for load, info in zip(self._loads, self.infos, strict=True)]
         return {"engines": engines,
                 "idle_engines": [e["engine_id"] for e in engines if e["idle"]],
                 "queued": len(self._queue), "in_flight": len(self._requests),
                 "migrations": self.stats.migrations, "recoveries": self.stats.recoveries,
+                "migration_stalls_s": list(self.stats.stalls),
                 "placements_per_engine": {str(e): self.stats.placed[e]
                                           for e in range(len(self._loads))}}

@@ -50,6 +50,8 @@ class SimRequest:
     first_token: float | None = None
     finish: float | None = None
     migrations: int = 0
+    migrated_at: float | None = None
+    """When it was last handed back (its latest token's time), until it resumes."""
     epoch: int = 0
     """Placements so far: tells a finishing entry of an earlier placement from the current one."""
 
@@ -69,6 +71,14 @@ class SimGpu:
     kv: int = 0
     busy: bool = False
     in_step: list[SimRequest] = field(default_factory=list)
+
+
+def trace_of(rows: list[dict]) -> list[SimRequest]:
+    """A recorded run's requests (bench serve's per_request rows: arrival, adapter, prompt and
+    tokens), in arrival order, to replay the same trace."""
+    rows = sorted(rows, key=lambda r: r["arrival"])
+    return [SimRequest(i, int(r["adapter"]), int(r["prompt"]), max(int(r["tokens"]), 1),
+                       float(r["arrival"])) for i, r in enumerate(rows)]
 
 
 def make_trace(cfg: SimConfig) -> list[SimRequest]:
@@ -98,6 +108,8 @@ class Simulator:
         self.events: list[tuple[float, int]] = []
         self.samples: list[tuple[float, list[int]]] = []
         self.migrations = 0
+        self.stalls: list[float] = []
+        """Latency each migration added: its request's last token to its next one."""
         self._rr = 0
 
     # Policy ---------------------------------------------------------------------------------
@@ -146,7 +158,7 @@ class Simulator:
     # Steps ----------------------------------------------------------------------------------
     def _start_step(self, g: SimGpu, t: float) -> None:
         while g.running and g.kv + len(g.running) > self.cfg.kv_tokens:
-            self._migrate(g)
+            self._migrate(g, t)
         if not g.running:
             g.busy = False
             return
@@ -167,6 +179,9 @@ class Simulator:
         for r in g.in_step:
             if r.first_token is None:
                 r.first_token = t
+            if r.migrated_at is not None:
+                self.stalls.append(t - r.migrated_at)
+                r.migrated_at = None
         g.in_step = []
         while g.finishing and g.finishing[0][0] <= g.step:
             _, rid, epoch = heapq.heappop(g.finishing)
@@ -185,12 +200,14 @@ class Simulator:
         if not g.adapters[r.adapter]:
             del g.adapters[r.adapter]
 
-    def _migrate(self, g: SimGpu) -> None:
+    def _migrate(self, g: SimGpu, t: float) -> None:
         r = max(g.running.values(), key=lambda x: x.arrival)
         if r in g.pending:
             g.pending.remove(r)
         else:
             r.generated += g.step - r.start_step
+            if r.generated and r.migrated_at is None:
+                r.migrated_at = t
         self._remove(g, r)
         r.migrations += 1
         self.migrations += 1

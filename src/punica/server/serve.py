@@ -35,6 +35,8 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20,
                     help="KV pool size on the CPU")
+    ap.add_argument("--num-kv-blocks", type=int, help="exactly this many KV blocks (default: "
+                    "what --gpu-memory-utilization or --kv-cache-bytes leaves room for)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--async-scheduling", action="store_true",
                     help="schedule and launch each step while the previous one still runs "
