@@ -25,7 +25,8 @@ fetch .rayslim jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencin
   rpds-py==2026.9.1
 python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
   "$tmp"/ray-2.60.0-*.whl "$tmp/x"
-(cd "$tmp/x/ray" && rm -rf jars rllib data serve llm tune train dashboard/client)
+(cd "$tmp/x/ray" && rm -rf jars rllib data serve llm tune train dashboard/client \
+  && chmod -R u+x core/src)  # zipfile drops the modes: Ray's servers must be executable
 tar -C "$tmp/x" -cJf .rayslim/ray-slim.tar.xz .
 rm -rf "$tmp"
 du -sh .whl .rayslim

@@ -27,6 +27,7 @@ ray_deps() {  # Ray, slimmed and packed by scripts/device_wheels.sh, plus jsonsc
   mkdir -p /tmp/site
   python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
     .rayslim/ray-slim.tar.xz /tmp/site || return 1
+  chmod -R u+x /tmp/site/ray/core/src  # Ray's own servers (a zip keeps no modes)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .rayslim/*.whl || return 1
   export PYTHONPATH="$PYTHONPATH:/tmp/site"

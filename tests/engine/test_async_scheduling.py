@@ -30,7 +30,7 @@ def engine(async_scheduling: bool, max_num_seqs: int = 4, max_tokens: int = 8,
         cache=CacheConfig(num_blocks=num_blocks or 64),
         lora=LoraConfig(max_loras=max_loras, max_lora_rank=4),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens,
-                                  async_scheduling=async_scheduling)), model=MODEL)
+                                  async_scheduling=async_scheduling)), model=model)
     for i in range(3):
         e.add_lora_weights(random_adapter(f"a{i}", ARCH, 4, torch.float32, seed=10 + i))
     return e
