@@ -23,14 +23,16 @@ server_deps() {  # fastapi, uvicorn, pydantic, openai: from the carried .whl
 }
 
 ray_deps() {  # Ray, slimmed and packed by scripts/device_wheels.sh, plus jsonschema
-  python3 -c 'import ray' 2>/dev/null && return 0
-  mkdir -p /tmp/site
-  python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
-    .rayslim/ray-slim.tar.xz /tmp/site || return 1
-  chmod -R u+x /tmp/site/ray/core/src  # Ray's own servers (a zip keeps no modes)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .rayslim/*.whl || return 1
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  if ! python3 -c 'import ray' 2>/dev/null; then
+    mkdir -p /tmp/site
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+      .rayslim/ray-slim.tar.xz /tmp/site || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .rayslim/*.whl || return 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+  # Ray's own servers must be executable (the wheel is a zip, which keeps no modes)
+  chmod -R u+x "$(python3 -c 'import os, ray; print(os.path.dirname(ray.__file__))')/core/src"
   python3 -c 'import ray; print("ray", ray.__version__)'
 }
 
