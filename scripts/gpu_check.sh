@@ -108,15 +108,17 @@ bench_server() {
 
 # multigpu PART: one engine per GPU (issue 7), the runs under $OUT/multigpu/ that
 # `python -m punica.cluster.replay` compares with the simulator:
-#   scale1   1 engine: Skewed and Distinct, MG_REQUESTS (96) requests at once
+#   scale1   1 engine: Skewed and Distinct, MG_REQUESTS (64) requests at once
 #   scale2   2 engines: the same with twice the requests
 #   ramp     2 engines: Skewed, MG_RAMP_REQUESTS (240) arrivals rising at MG_RAMP (0.5:8) req/s
 #   migrate  2 engines of MG_KV_BLOCKS (800) KV blocks each: Skewed at MG_MIGRATE_RATE (3) req/s
-# MG_ENGINE_ARGS replace the engines' flags (default: 1 GPU each, batch cap 32), MG_BENCH_ARGS
+# MG_ENGINE_ARGS replace the engines' flags (default: 1 GPU each, batch cap 32 and as many adapter
+# slots, so a Distinct batch is not capped at the serve default of 8 slots), MG_BENCH_ARGS
 # go to every run.
 multigpu() {
-  local n=${MG_REQUESTS:-96} failed=0
-  local engines=(cluster ${MG_ENGINE_ARGS:---gpus-per-engine 1 --max-num-seqs 32})
+  local n=${MG_REQUESTS:-64} failed=0
+  local engines=(cluster ${MG_ENGINE_ARGS:---gpus-per-engine 1 --max-num-seqs 32 --max-loras 32 \
+                                          --max-lora-rank 16})
   local extra=(${MG_BENCH_ARGS:-})  # e.g. --maxlen 64 --vocab 200 for a tiny model
   case $1 in
     scale1|scale2)
@@ -172,4 +174,8 @@ for step in $STEPS; do
   echo "gpu_check: $step rc=$status"
   [ "$status" -eq 0 ] || rc=1
 done
+if [ "${PACK:-1}" = 1 ]; then  # a call brings back only a few files: one archive of them all
+  tar -C "$OUT" -czf /tmp/gpu_out.tgz . && find "$OUT" -mindepth 1 -delete \
+    && mv /tmp/gpu_out.tgz "$OUT/gpu_out.tgz"
+fi
 exit $rc
