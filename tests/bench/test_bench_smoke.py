@@ -52,8 +52,9 @@ def test_textgen_bench_smoke(tmp_path: Path) -> None:
         s = r["step_stats"]
         assert s["steps"] == s["eager_steps"] > 0 and s["graph_steps"] == 0
         assert r["warmup_s"] == 0.0 and r["graphs"] == 0
-        # the floor replays the same schedule: as many steps as the engine ran
-        assert r["replay_steps"] == s["steps"] and r["floor_tok_s"] > 0
+        # the floor replays the synchronous schedule; the engine's async steps add at most one
+        # ride-along step per request (launched before that request's last token was seen)
+        assert r["replay_steps"] <= s["steps"] <= r["replay_steps"] + 6 and r["floor_tok_s"] > 0
         assert r["share_of_floor"] == pytest.approx(r["floor_s"] / r["wall_s"])
 
 

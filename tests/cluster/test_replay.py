@@ -50,6 +50,7 @@ def test_measured_figures_come_from_the_run_files(tmp_path: Path) -> None:
     real = measured(run)
     assert run.gpus == 2 and run.sim_config().kv_tokens == 512 * 16
     assert real["tok_s"] == 100.0 and real["ttft_p50_s"] == pytest.approx(0.2)
+    assert real["ttft_mean_s"] == pytest.approx(0.2)
     assert real["tpot_p50_s"] == pytest.approx(0.02)  # the one-token request has no TPOT
     assert real["migrations"] == 3 and real["stall_p50_s"] == 0.2 and real["stall_max_s"] == 0.6
     # samples at 0..10 s: the one before the start and the one after the end are left out
@@ -86,8 +87,16 @@ def test_report_scaling_consolidation_and_migration(tmp_path: Path) -> None:
     write_run(runs / "ramp", rows, [[0, 0], [1, 0], [4, 0], [4, 2], [1, 1]], tok_s=50.0)
     write_run(runs / "migrate", rows, [[0, 0], [4, 2]], migrations=2, stalls=(0.3, 0.5))
     out = tmp_path / "report"
-    assert main(["--runs-dir", str(runs), "--out-dir", str(out)]) == 0
+    assert main(["--runs-dir", str(runs), "--out-dir", str(out), "--calibrate-on",
+                 "scale1_skewed"]) == 0
     body = json.loads((out / "multigpu.json").read_text())
+    # The replay misses most of the recorded 10 ms per token; calibrated on that run, it does not.
+    assert body["errors"]["scale1_skewed"]["tpot_p50_s"] < -0.3
+    cal = body["calibrated"]
+    assert cal["step_model"]["c0"] > body["step_model"]["c0"] + 4e-3
+    assert abs(cal["errors"]["scale1_skewed"]["tpot_p50_s"]) < 0.05
+    with pytest.raises(SystemExit, match="no run 'nope'"):
+        main(["--runs-dir", str(runs), "--out-dir", str(out), "--calibrate-on", "nope"])
     skewed = body["scaling"]["skewed"]
     assert skewed["gpus"] == [1, 2] and skewed["tok_s"] == [100.0, 180.0]
     assert skewed["ideal_tok_s"] == [100.0, 200.0] and skewed["efficiency"] == [1.0, 0.9]

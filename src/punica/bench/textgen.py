@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-loras", type=int, default=128)
     ap.add_argument("--hf-requests", type=int, default=8, help="0 skips HF + PEFT")
     ap.add_argument("--hf-max-new", type=int, default=64, help="new tokens per HF request")
-    ap.add_argument("--async-scheduling", action="store_true",
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                     help="the engine schedules step k+1 while step k runs")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV pool size on the CPU")
     ap.add_argument("--out-dir", default="benchmarks/results")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from punica.bench.timing import run_info
-from punica.cluster.replay import Run, errors, load_run, measured, simulated
+from punica.cluster.replay import Run, calibrated, errors, load_run, measured, simulated
 from punica.cluster.step_model import StepModel
 
 SCALE = re.compile(r"scale(\d+)_(\w+)")
@@ -116,18 +116,8 @@ def plot(results: dict[str, dict], scale: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m punica.cluster.replay",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--runs-dir", required=True, help="the run directories (gpu_out/multigpu)")
-    ap.add_argument("--decode-json", help="fit the step model to this decode benchmark")
-    ap.add_argument("--out-dir", default="benchmarks/results/multigpu")
-    args = ap.parse_args(argv)
-    model = StepModel.fit(args.decode_json) if args.decode_json else StepModel()
-    runs = [load_run(p) for p in sorted(Path(args.runs_dir).iterdir())
-            if (p / "cluster_status.json").exists()]
-    if not runs:
-        raise SystemExit(f"{args.runs_dir}: no run directories (with cluster_status.json)")
+def replay_all(runs: list[Run], model: StepModel) -> dict[str, dict]:
+    """Each run measured, replayed under `model`, and the simulator's error per figure."""
     results = {}
     for run in runs:
         real, sim = measured(run), simulated(run, model)
@@ -135,20 +125,49 @@ def main(argv: list[str] | None = None) -> int:
                              "commit": run.serve.get("commit"), "command": run.serve["command"],
                              "requests": run.serve["ok"], "figures": errors(real, sim),
                              "measured": real, "simulated": sim}
-        print(f"{run.name}: " + ", ".join(
-            f"{k} {v['measured']:.3g}/{v['simulated']:.3g}" for k, v in
-            results[run.name]["figures"].items()
-            if v["measured"] is not None and v["simulated"] is not None), flush=True)
-    scale = scaling(results)
-    body = {**run_info("python -m punica.cluster.replay " + " ".join(argv or sys.argv[1:])),
-            "step_model": model.__dict__, "scaling": scale,
-            "consolidation": consolidation(next(r for r in runs if r.name == "ramp"),
-                                           results["ramp"]) if "ramp" in results else None,
+    return results
+
+
+def summarize(runs: list[Run], results: dict[str, dict], model: StepModel) -> dict:
+    ramp = next((r for r in runs if r.name == "ramp"), None)
+    return {"step_model": model.__dict__, "scaling": scaling(results),
+            "consolidation": consolidation(ramp, results["ramp"]) if ramp else None,
             "migration": migration(results["migrate"]) if "migrate" in results else None,
-            "runs": results}
+            "errors": {name: {k: v["error"] for k, v in res["figures"].items()}
+                       for name, res in results.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m punica.cluster.replay",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--runs-dir", required=True, help="the run directories (gpu_out/multigpu)")
+    ap.add_argument("--decode-json", help="fit the step model to this decode benchmark")
+    ap.add_argument("--calibrate-on", metavar="RUN", help="also replay with the step model "
+                    "calibrated to this run's time per output token")
+    ap.add_argument("--out-dir", default="benchmarks/results/multigpu")
+    args = ap.parse_args(argv)
+    model = StepModel.fit(args.decode_json) if args.decode_json else StepModel()
+    runs = [load_run(p) for p in sorted(Path(args.runs_dir).iterdir())
+            if (p / "cluster_status.json").exists()]
+    if not runs:
+        raise SystemExit(f"{args.runs_dir}: no run directories (with cluster_status.json)")
+    results = replay_all(runs, model)
+    body = {**run_info("python -m punica.cluster.replay " + " ".join(argv or sys.argv[1:])),
+            **summarize(runs, results, model), "calibrated": None}
+    if args.calibrate_on:
+        by_name = {r.name: r for r in runs}
+        if args.calibrate_on not in by_name:
+            raise SystemExit(f"--calibrate-on: no run {args.calibrate_on!r} in {sorted(by_name)}")
+        cal = calibrated(model, by_name[args.calibrate_on])
+        body["calibrated"] = summarize(runs, replay_all(runs, cal), cal)
+    body["runs"] = results
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "multigpu.json").write_text(json.dumps(body, indent=1))
-    plot(results, scale, out / "multigpu.png")
-    print(json.dumps({k: body[k] for k in ("scaling", "consolidation", "migration")}, indent=1))
+    plot(results, body["scaling"], out / "multigpu.png")
+    for name, errs in body["errors"].items():
+        cal = body["calibrated"]["errors"][name] if body["calibrated"] else {}
+        print(f"{name:>16}: " + ", ".join(
+            f"{k} {v:+.0%}" + (f" ({cal[k]:+.0%})" if cal.get(k) is not None else "")
+            for k, v in errs.items() if v is not None), flush=True)
     return 0

@@ -26,9 +26,10 @@ class SchedulerConfig:
     """Most sequences running at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill chunks + decodes)."""
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     """Schedule and launch step k+1 while step k still runs on the device (engine/inflight.py);
-    requests with penalties fall back to synchronous steps."""
+    requests with penalties fall back to synchronous steps. On the H200 it took textgen from
+    1,804 to 2,418 tok/s (cap 32, Distinct; RESULTS.md)."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
