@@ -5,8 +5,10 @@ over the workload without a model, each step charged the bytes it must read at l
                               token it attends to) / copy bandwidth
 
 the same per-step floor as `punica bench decode`. Greedy requests with ignore_eos stop exactly at
-their max_tokens, so the replay schedules exactly the steps the engine runs (tests check the step
-count against the engine's StepStats). Prompt FLOPs are left out: the workload's prompts are short.
+their max_tokens, so the replay schedules exactly the steps a synchronous engine runs (tests check
+the step count against the engine's StepStats); async steps add at most one per request (a request
+whose last token is still in flight rides along one more step). Prompt FLOPs are left out: the
+workload's prompts are short.
 """
 
 from __future__ import annotations
