@@ -138,3 +138,23 @@ def test_async_matches_sync_on_the_gpu_with_graphs() -> None:
         b = run(e, params)
         assert tokens(b) == tokens(a), params
         assert e.step_stats.graph_steps > 0
+
+
+def test_steps_overlap_again_once_penalised_requests_are_gone() -> None:
+    e = engine(True)
+    plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    e.add_request("plain", [1, 2, 3], plain)
+    e.add_request("pen", [4, 5], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
+                                                presence_penalty=1.0))
+    e.add_request("pen2", [6], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
+                                              repetition_penalty=1.2))
+    for _ in range(4):
+        e.step()
+        assert e._inflight is None  # a penalised request: every step settles in its call
+    assert "pen2" not in e.unfinished_ids()  # finished by length, forgotten
+    e.abort("pen")
+    e.step()
+    assert e._inflight is not None  # only plain requests left: the step stays in flight
+    while e.has_unfinished():
+        e.step()
+    assert e._penalised == 0

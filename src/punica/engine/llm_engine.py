@@ -90,6 +90,8 @@ class LLMEngine:
         self._generators: dict[int, torch.Generator | None] = {}
         self._inflight: InFlight | None = None
         """The step launched by the last call, not settled yet (async scheduling)."""
+        self._penalised = 0
+        """Sequences added and not yet forgotten whose sampling reads their earlier tokens."""
 
     # Adapters ---------------------------------------------------------------------------
     def load_lora(self, name: str, path: str) -> None:
@@ -130,6 +132,7 @@ class LLMEngine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             self._generators[seq.seq_id] = gen
             self.stops.start(seq)
+            self._penalised += params.penalised
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
@@ -206,9 +209,9 @@ class LLMEngine:
         return self.graphs.warmup()
 
     def _needs_history(self) -> bool:
-        """Whether a request's sampling reads its previous tokens on the host (penalties)."""
-        return any(s.params.penalised
-                   for s in itertools.chain(self.scheduler.running, self.scheduler.waiting))
+        """Whether a request's sampling reads its previous tokens on the host (penalties): a
+        count kept by add_request and _forget, not a scan of every sequence each step."""
+        return self._penalised > 0
 
     def _reserve(self, prev: InFlight) -> None:
         """Placeholders for the sequences of the step in flight that go on (not finishing by
@@ -292,6 +295,7 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
+        self._penalised -= seq.params.penalised
 
     def output_of(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         return RequestOutput(request_id, list(seqs[0].prompt_ids), [
