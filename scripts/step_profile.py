@@ -1,5 +1,7 @@
-"""Where a decode step's GPU time goes: kernel times of eager steps grouped by kernel, beside the
-same step replayed in a CUDA graph (diagnostics; prints a table, writes OUT_DIR/step_profile.json).
+"""Where a decode step's GPU time goes: kernel times grouped by kernel and family, the GPU's busy
+time (union of kernel intervals) and the idle rest, for steps replayed in their CUDA graphs (with
+LoRA: each shrink beside or after its GEMM; Identical; no LoRA) and eager steps (diagnostics;
+prints a table, writes OUT_DIR/step_profile.json).
 
     python scripts/step_profile.py OUT_DIR [--arch llama2-7b] [--batch 32] [--context 512]
 """
@@ -10,6 +12,7 @@ import argparse
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +26,9 @@ from punica.models.random import llama2_7b, tiny
 def family(name: str) -> str:
     """A short group name for a kernel: SGMV, attention, GEMM (cuBLAS/cutlass), elementwise..."""
     rules = (("sgmv_shrink", "lora shrink"), ("sgmv_expand", "lora expand"),
-             ("paged|attend|decode_kernel|reduce_kernel|write_kv", "attention"),
+             ("kv_write|rotary", "rotary + KV write"), ("rms_norm", "rms norm"),
+             ("silu_and_mul", "silu*mul"),
+             ("paged|attend|decode_kernel|reduce_kernel", "attention"),
              ("gemm|gemv|cutlass|sm90_xmma|cublas|nvjet", "gemm"),
              ("reduce|norm|mean|rsqrt", "reductions"), ("elementwise|vectorized|unrolled",
                                                         "elementwise"),
@@ -32,6 +37,45 @@ def family(name: str) -> str:
         if re.search(pattern, name, re.IGNORECASE):
             return label
     return "other"
+
+
+STEPS = 3
+
+
+def profile_steps(step: Callable[[], None], device: torch.device) -> dict[str, object]:
+    """Kernel times of STEPS steps (per step): by kernel, by family, and the GPU's busy time
+    (the union of the kernels' intervals: kernels on two streams overlap)."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=acts) as prof:
+        for _ in range(STEPS):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    spans: list[tuple[float, float]] = []
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        start, end = ev.time_range.start, ev.time_range.end  # microseconds
+        kernels[ev.name][0] += (end - start) / STEPS / 1e3
+        kernels[ev.name][1] += 1
+        spans.append((start, end))
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    groups: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for name, (ms, cnt) in kernels.items():
+        groups[family(name)] += ms
+        counts[family(name)] += cnt // STEPS
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"kernel_ms": sum(groups.values()), "busy_ms": busy / STEPS / 1e3,
+            "kernels_per_step": sum(c for _, c in kernels.values()) // STEPS,
+            "groups_ms": dict(groups), "groups_count": dict(counts),
+            "top": [(n[:120], ms, cnt // STEPS) for n, (ms, cnt) in top]}
 
 
 def main() -> int:
@@ -46,39 +90,31 @@ def main() -> int:
     rig = Rig.build(arch, torch.float16, device, args.batch * args.context + 64, args.batch, 16,
                     args.batch, max_decode_batch=args.batch)
     result: dict[str, object] = {**run_info("python scripts/step_profile.py"),
-                                 "batch": args.batch, "context": args.context, "mixes": {}}
-    for mix in ("distinct", "none"):
+                                 "batch": args.batch, "context": args.context, "variants": {}}
+    # (name, mix, graphs, shrink beside its GEMM)
+    variants = [("distinct graph", "distinct", True, True),
+                ("distinct graph, shrink after GEMM", "distinct", True, False),
+                ("identical graph", "identical", True, True),
+                ("none graph", "none", True, False),
+                ("distinct eager", "distinct", False, True),
+                ("none eager", "none", False, False)]
+    for name, mix, graphs, beside in variants:
         b = rig.batch([1] * args.batch, [args.context] * args.batch, mix_slots(mix, args.batch))
         use = mix != "none"
-        graph_ms = median_ms(lambda b=b, use=use: rig.step(b, use), device)
-        eager_ms = median_ms(lambda b=b, use=use: rig.step(b, use, use_graphs=False), device, 5)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            for _ in range(3):
-                rig.step(b, use, use_graphs=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        if device.type == "cuda":
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
-        kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
-            if ev.device_type == torch.autograd.DeviceType.CUDA and t > 0:
-                kernels[ev.key][0] += t / 3 / 1e3  # ms per step
-                kernels[ev.key][1] += ev.count // 3
-        groups: dict[str, float] = defaultdict(float)
-        for name, (ms, _) in kernels.items():
-            groups[family(name)] += ms
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-        result["mixes"][mix] = {"graph_ms": graph_ms, "eager_ms": eager_ms,
-                                "kernel_ms": sum(g for g in groups.values()),
-                                "groups_ms": dict(groups),
-                                "top": [(n[:120], ms, cnt) for n, (ms, cnt) in top]}
-        print(f"== {mix}: graph {graph_ms:.2f} ms, eager {eager_ms:.2f} ms, kernels "
-              f"{sum(groups.values()):.2f} ms")
-        for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
-            print(f"   {g:>12}: {ms:7.3f} ms")
-        for n, (ms, cnt) in top:
+
+        def step(b=b, use=use, graphs=graphs, beside=beside) -> None:
+            rig.step(b, use, use_graphs=graphs, beside=beside)
+
+        step_ms = median_ms(step, device, 20 if graphs else 5)
+        row = profile_steps(step, device)
+        row["step_ms"] = step_ms
+        result["variants"][name] = row
+        print(f"== {name}: step {step_ms:.2f} ms, kernels {row['kernel_ms']:.2f} ms "
+              f"({row['kernels_per_step']} per step), GPU busy {row['busy_ms']:.2f} ms, "
+              f"idle {step_ms - row['busy_ms']:.2f} ms")
+        for g, ms in sorted(row["groups_ms"].items(), key=lambda kv: -kv[1]):
+            print(f"   {g:>12}: {ms:7.3f} ms  x{row['groups_count'][g]}")
+        for n, ms, cnt in row["top"][:12]:
             print(f"   {ms:7.3f} ms  x{cnt:<4} {n[:110]}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

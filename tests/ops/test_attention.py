@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from punica.ops import attention as attn
+from punica.ops import fused_ref
 from punica.ops.attention_ref import paged_attention_ref, write_kv
 from tests.ops.lora_cases import rel_err, seed_of
 
@@ -101,6 +102,53 @@ def test_write_kv_cache_matches_reference(device: torch.device, dtype: torch.dty
     write_kv(expected[0], expected[1], k[keep], v[keep], slots[keep])
     attn.write_kv_cache(k, v, caches[0], caches[1], slots)
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (8, 2, 32), (12, 1, 8)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+def test_rotary_write_kv_cache_matches_reference(device: torch.device, dtype: torch.dtype,
+                                                 heads: int, kv_heads: int,
+                                                 head_dim: int) -> None:
+    """One launch = fused.rotary_ on q and on k, then write_kv of the rotated k and of v; q and
+    k are column slices of one fused q/k/v output (as in the model), the cache poisoned."""
+    gen = torch.Generator().manual_seed(seed_of("rotary-write", dtype, heads, kv_heads))
+    T, max_len = 7, 64
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(device)
+    q = qkv[:, :heads * head_dim].view(T, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(T, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(T, kv_heads, head_dim)
+    angles = torch.rand(max_len, head_dim // 2, generator=gen) * 6.3
+    cos = torch.cat([angles.cos(), angles.cos()], 1).to(device)
+    sin = torch.cat([angles.sin(), angles.sin()], 1).to(device)
+    positions = torch.randint(0, max_len, (T,), generator=gen).to(device)
+    caches = [torch.full((4, 4, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+              for _ in range(2)]
+    slots = torch.tensor([5, 0, 15, -1, 9, 2, 11], device=device)
+    want_q = fused_ref.rotary_ref(q.cpu(), cos.cpu()[positions.cpu()][:, None],
+                                  sin.cpu()[positions.cpu()][:, None])
+    want_k = fused_ref.rotary_ref(k.cpu(), cos.cpu()[positions.cpu()][:, None],
+                                  sin.cpu()[positions.cpu()][:, None])
+    want = [c.cpu().clone() for c in caches]
+    keep = (slots >= 0).cpu()
+    write_kv(want[0], want[1], want_k[keep], v.cpu()[keep], slots.cpu()[keep])
+    attn.rotary_write_kv_cache(q, k, v, positions, cos, sin, caches[0], caches[1], slots)
+    assert rel_err(q, want_q) <= TOL[dtype] and rel_err(k, want_k) <= TOL[dtype]
+    for got, exp in zip(caches, want, strict=True):
+        got = got.cpu()
+        assert torch.equal(got.isnan(), exp.isnan())  # exactly the mapped slots written
+        assert rel_err(got[~got.isnan()], exp[~exp.isnan()]) <= TOL[dtype]
+
+
+def test_rotary_write_kv_cache_names_bad_tables(device: torch.device) -> None:
+    q = torch.zeros(2, 4, 16, device=device)
+    kv = torch.zeros(2, 2, 16, device=device)
+    cache = torch.zeros(2, 4, 2, 16, device=device)
+    pos = slots = torch.zeros(2, dtype=torch.int64, device=device)
+    table = torch.zeros(8, 16, device=device)
+    with pytest.raises(ValueError, match=r"^sin: expected a contiguous float32"):
+        attn.rotary_write_kv_cache(q, kv, kv, pos, table, table.half(), cache, cache, slots)
+    with pytest.raises(ValueError, match=r"^positions"):
+        attn.rotary_write_kv_cache(q, kv, kv, pos.int(), table, table, cache, cache, slots)
 
 
 @pytest.mark.parametrize("contexts,new", [([70, 130], [70, 100]), ([20, 90], [4, 90])],

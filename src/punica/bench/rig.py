@@ -51,8 +51,11 @@ class Rig:
     rotary: Rotary
     device: torch.device
     attention_backend: str
-    graphs: dict[bool, StepGraphs] | None = None
-    """Decode steps replay CUDA graphs as the engine's do (with and without the LoRA pool)."""
+    graphs: dict[tuple[bool, bool], StepGraphs] | None = None
+    """Decode steps replay CUDA graphs as the engine's do, by (use_lora, beside): without the
+    LoRA pool, with it and each shrink beside its GEMM (the engine's default), with it and each
+    shrink after its GEMM."""
+    lora_stream: torch.cuda.Stream | None = None
 
     @classmethod
     def build(cls, arch: ModelArch, dtype: torch.dtype, device: torch.device, kv_tokens: int,
@@ -67,13 +70,15 @@ class Rig:
             pool.load(slot, adapter)
         backend = "triton" if device.type == "cuda" else "torch"
         rotary = Rotary(arch, arch.max_position_embeddings, device)
-        graphs = None
+        graphs, stream = None, None
         if device.type == "cuda":
             max_blocks = -(-arch.max_position_embeddings // BLOCK_SIZE)
-            graphs = {use: StepGraphs(model, kv, rotary, pool if use else None,
-                                        max_decode_batch, max_blocks, device)
-                      for use in (False, True)}
-        return cls(arch, model, kv, pool, rotary, device, backend, graphs)
+            stream = torch.cuda.Stream(device)
+            graphs = {(use, beside): StepGraphs(model, kv, rotary, pool if use else None,
+                                                max_decode_batch, max_blocks, device,
+                                                lora_stream=stream if beside else None)
+                      for use, beside in ((False, False), (True, True), (True, False))}
+        return cls(arch, model, kv, pool, rotary, device, backend, graphs, stream)
 
     def weight_bytes(self) -> int:
         return weight_bytes(self.model)
@@ -98,13 +103,16 @@ class Rig:
                              f"{next_block} needed")
         return build_batch(scheduled, tables, BLOCK_SIZE, self.device)
 
-    def step(self, batch: Batch, use_lora: bool, use_graphs: bool = True) -> torch.Tensor:
+    def step(self, batch: Batch, use_lora: bool, use_graphs: bool = True,
+             beside: bool = True) -> torch.Tensor:
         """Logits of one step: decode-only batches replay a CUDA graph (on CUDA, unless
-        use_graphs is False), others run eagerly."""
+        use_graphs is False), others run eagerly; beside: each LoRA shrink on the side stream
+        beside its GEMM (on CUDA), else after it."""
+        beside = beside and use_lora
         if use_graphs and self.graphs is not None and batch.decode_only:
-            return self.graphs[use_lora].run(batch)
+            return self.graphs[use_lora, beside].run(batch)
         ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora if use_lora else None,
-                          self.attention_backend)
+                          self.attention_backend, self.lora_stream if beside else None)
         return self.model(ctx)
 
 

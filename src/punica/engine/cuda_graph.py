@@ -48,8 +48,12 @@ class StepGraphs:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, rotary: Rotary,
                  lora: LoraPool | None, max_batch: int, max_blocks: int, device: torch.device,
                  attention_backend: str = "triton", capture: bool = True,
-                 max_tokens: int = MAX_MIXED_TOKENS) -> None:
+                 max_tokens: int = MAX_MIXED_TOKENS,
+                 lora_stream: torch.cuda.Stream | None = None) -> None:
         self.model, self.kv_cache, self.rotary, self.lora = model, kv_cache, rotary, lora
+        self.lora_stream = lora_stream
+        """Side stream of the LoRA shrinks (StepContext.lora_stream): forked from and joined
+        back into the capturing stream inside each graph."""
         self.device, self.backend, self.capture = device, attention_backend, capture
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_blocks = max_blocks
@@ -112,7 +116,7 @@ class StepGraphs:
 
     def _forward(self, s: _Static) -> torch.Tensor:
         return self.model(StepContext(s.batch, self.kv_cache, self.rotary, self.lora,
-                                      self.backend))
+                                      self.backend, self.lora_stream))
 
     def _prepare(self, key: tuple[int, int, bool]) -> _Static:
         s = self._static.get(key)

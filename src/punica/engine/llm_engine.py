@@ -57,6 +57,9 @@ class LLMEngine:
         max_tokens = config.scheduler.max_num_batched_tokens
         self.lora_pool = (LoraPool(self.arch, lc.max_loras, lc.max_lora_rank, max_tokens,
                                    self.dtype, device) if lc.max_loras > 0 else None)
+        self.lora_stream = (torch.cuda.Stream(device) if self.lora_pool is not None
+                            and self.lora_pool.capturable and lc.shrink_beside_gemm else None)
+        """The side stream of the LoRA shrinks (StepContext.lora_stream), on CUDA."""
         self.kv_budget = kv_budget(cc, device) if cc.num_blocks is None else None
         """The bytes the KV pool was sized from (None: a fixed num_blocks)."""
         num_blocks = kv_blocks(self.arch, self.dtype, cc, device)
@@ -82,7 +85,7 @@ class LLMEngine:
                 self.model, self.kv_cache, self.rotary, self.lora_pool,
                 max_batch=min(config.scheduler.max_num_seqs, max_tokens, 512),
                 max_blocks=-(-self.max_model_len // cc.block_size), device=device,
-                max_tokens=max_tokens)
+                max_tokens=max_tokens, lora_stream=self.lora_stream)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0}
         self.step_stats = StepStats()
         self._seq_ids = itertools.count()
@@ -245,7 +248,7 @@ class LLMEngine:
             st.graph_steps += 1
         else:
             ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
-                              else None, self.attention_backend)
+                              else None, self.attention_backend, self.lora_stream)
             logits = self.model(ctx)
             st.eager_steps += 1
         self.scheduler.advance(out)

@@ -17,9 +17,9 @@ from punica.lora.pool import LoraPool
 from punica.models.arch import ModelArch
 from punica.models.rope import Rotary
 from punica.ops import fused
-from punica.ops.attention import paged_decode, paged_prefill, write_kv_cache
+from punica.ops.attention import paged_decode, paged_prefill, rotary_write_kv_cache
 from punica.ops.attention_ref import paged_attention_ref, write_kv
-from punica.ops.lora import add_lora
+from punica.ops.lora import add_lora, add_lora_beside
 from punica.ops.lora_ref import add_lora_ref
 
 
@@ -33,6 +33,9 @@ class StepContext:
     lora: LoraPool | None
     attention_backend: str = "torch"
     """torch: the reference (any device); triton: the paged kernels (CUDA, or the interpreter)."""
+    lora_stream: torch.cuda.Stream | None = None
+    """The side stream each LoRA shrink runs on beside its projection's GEMM (add_lora_beside);
+    None: the shrink follows the GEMM on the current stream."""
 
 
 class RMSNorm(nn.Module):
@@ -63,18 +66,22 @@ FUSED_PROJECTIONS = {
 def _project(linear: nn.Linear, x: torch.Tensor, ctx: StepContext, layer: int,
              group: str) -> torch.Tensor:
     """x @ W.T (+ bias), plus the batch's LoRA deltas of the projections of `group`
-    (arch.LORA_GROUPS), each into its column slice of the output: one add_lora call."""
-    y = F.linear(x, linear.weight, linear.bias)
+    (arch.LORA_GROUPS), each into its column slice of the output: one add_lora call (its shrink
+    beside the GEMM on ctx.lora_stream when there is one)."""
     if ctx.lora is None:
-        return y
+        return F.linear(x, linear.weight, linear.bias)
     A, B, ranks, scales, slices = ctx.lora.args(layer, group)
     b = ctx.batch
     if ctx.lora.backend == "torch":
-        add_lora_ref(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales, slices)
-    else:
-        add_lora(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales, ctx.lora.workspace,
-                 check_values=False, slices=slices)
-    return y
+        y = F.linear(x, linear.weight, linear.bias)
+        return add_lora_ref(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales, slices)
+    if ctx.lora_stream is not None:
+        return add_lora_beside(lambda: F.linear(x, linear.weight, linear.bias), x, A, B,
+                               b.lora_indptr, b.lora_slots, ranks, scales, ctx.lora.workspace,
+                               ctx.lora_stream, check_values=False, slices=slices)
+    y = F.linear(x, linear.weight, linear.bias)
+    return add_lora(y, x, A, B, b.lora_indptr, b.lora_slots, ranks, scales, ctx.lora.workspace,
+                    check_values=False, slices=slices)
 
 
 class Attention(nn.Module):
@@ -99,12 +106,11 @@ class Attention(nn.Module):
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         rot = ctx.rotary
-        fused.rotary_(q, b.positions, rot.cos, rot.sin)
-        fused.rotary_(k, b.positions, rot.cos, rot.sin)
         k_cache, v_cache = ctx.kv_cache[self.layer, 0], ctx.kv_cache[self.layer, 1]
         scale = a.head_dim**-0.5
         if ctx.attention_backend == "triton":
-            write_kv_cache(k, v, k_cache, v_cache, b.slot_mapping)
+            rotary_write_kv_cache(q, k, v, b.positions, rot.cos, rot.sin, k_cache, v_cache,
+                                  b.slot_mapping)
             out = torch.empty_like(q)
             if b.decode_only:
                 paged_decode(q, k_cache, v_cache, b.seq_lens_t, b.block_tables_t, scale, out)
@@ -112,6 +118,8 @@ class Attention(nn.Module):
                 paged_prefill(q, k_cache, v_cache, b.cu_seqlens_q_t, b.seq_lens_t,
                               b.block_tables_t, scale, out)
         else:
+            fused.rotary_(q, b.positions, rot.cos, rot.sin)
+            fused.rotary_(k, b.positions, rot.cos, rot.sin)
             write_kv(k_cache, v_cache, k, v, b.slot_mapping)
             out = paged_attention_ref(q, k_cache, v_cache, b.cu_seqlens_q, b.seq_lens,
                                       b.block_tables, scale)

@@ -2,6 +2,9 @@
 
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
         k_cache.view(-1, H_kv, D)[slot_mapping[t]] = k[t]   (slot < 0: row skipped)
+    rotary_write_kv_cache(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+        q, k = rotary(q), rotary(k) in place (positions int64 [T], cos/sin float32 [max_len, D]
+        as `fused.rotary_`), then write_kv_cache(k, v, ...): one launch
     paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out)
         rows cu[b]:cu[b+1] of q are the last positions of sequence b (context seq_lens[b], already
         in the cache): out = softmax(q K^T * scale, causal) V per sequence and head
@@ -27,6 +30,7 @@ from punica.ops.attention_kernels import (
     kv_write_kernel,
     paged_decode_kernel,
     paged_prefill_kernel,
+    rotary_kv_write_kernel,
 )
 from punica.ops.checks import ACT_DTYPES, check_vector, expect, interpreting
 from punica.ops.launch import KernelLaunch, PlanCache, cdiv, next_power_of_2, sig
@@ -95,6 +99,7 @@ PREFILL_TALL_ROWS = 64
 """Mean new rows per sequence from which paged_prefill takes 64 x 64 tiles."""
 
 _WRITE: PlanCache[KernelLaunch | None] = PlanCache()
+_ROTARY_WRITE: PlanCache[KernelLaunch | None] = PlanCache()
 _PREFILL: PlanCache[KernelLaunch | None] = PlanCache()
 _DECODE: PlanCache[tuple[KernelLaunch | None, KernelLaunch | None]] = PlanCache()
 
@@ -123,6 +128,48 @@ def _write_plan(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache
         (k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1),
          k_cache.stride(2)),
         dict(HEAD_DIM=k.shape[2], BLOCK_D=next_power_of_2(k.shape[2])), {})
+
+
+def rotary_write_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """q, k [T, H(_kv), D] rotated in place by their rows' positions, then k and v [T, H_kv, D]
+    written to the slots of slot_mapping (negative: skipped)."""
+    key = (sig(q), sig(k), sig(v), sig(positions), sig(cos), sig(sin), sig(k_cache),
+           sig(v_cache), sig(slot_mapping))
+    launch = _ROTARY_WRITE.get(key, _rotary_write_plan, q, k, v, positions, cos, sin, k_cache,
+                               v_cache, slot_mapping)
+    if launch is not None:
+        launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+def _rotary_write_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> KernelLaunch | None:
+    _check_q("q", q)
+    _write_plan(k, v, k_cache, v_cache, slot_mapping)  # the checks of write_kv_cache
+    T, H, D = q.shape
+    expect(k.shape[0] == T, "k.shape[0]", str(T), k.shape[0])
+    expect(D % 2 == 0 and (D // 2) & (D // 2 - 1) == 0, "q.shape[2]",
+           "an even head_dim whose half is a power of two", D)
+    check_vector("positions", positions, torch.int64, q.device, T)
+    for name, table in (("cos", cos), ("sin", sin)):
+        expect(table.dim() == 2 and table.shape[1] == D and table.dtype == torch.float32
+               and table.is_contiguous() and table.device == q.device, name,
+               f"a contiguous float32 [max_len, {D}] table on {q.device}",
+               (tuple(table.shape), table.dtype, str(table.device)))
+    expect(sin.shape == cos.shape, "sin.shape", str(tuple(cos.shape)), tuple(sin.shape))
+    if T == 0:
+        return None
+    block_h = min(next_power_of_2(H), 8)
+    q_programs = cdiv(H, block_h)
+    return KernelLaunch(
+        rotary_kv_write_kernel, (T, q_programs + cdiv(k.shape[1], block_h)), 9,
+        (H, k.shape[1], q_programs, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+         v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(1), k_cache.stride(2)),
+        dict(HALF=D // 2, BLOCK_H=block_h), dict(num_warps=2))
 
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

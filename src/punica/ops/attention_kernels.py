@@ -1,6 +1,8 @@
 """Triton kernels of paged attention over the KV pool [num_blocks, block_size, kv_heads, head_dim].
 
 - `kv_write_kernel`: row t's K and V go to flat slot slot_mapping[t] (negative: skipped).
+- `rotary_kv_write_kernel`: q and k of row t rotated in place by position positions[t], then K
+  and V written as `kv_write_kernel` does (one launch instead of three per layer).
 - `paged_prefill_kernel`: varlen causal attention of each sequence's new query rows (a prefill
   chunk, or one decode row) over its whole cached context; program = (row tile, query head); row
   tiles located as in SGMV (`tiles.locate_tile`); online softmax in fp32.
@@ -36,6 +38,53 @@ def kv_write_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
              mask=mask)
     tl.store(v_cache_ptr + dst, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask),
              mask=mask)
+
+
+@triton.jit
+def _rotate_heads(x_row_ptr, heads, num_heads, stride_h, offs, cos, sin, HALF: tl.constexpr):
+    """Rotate heads `heads` of one row in place (rotate-half form); returns the two rotated
+    halves and the heads' mask."""
+    mask = (heads < num_heads)[:, None]
+    ptrs = x_row_ptr + heads[:, None] * stride_h + offs[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    r1 = (f1 * cos - f2 * sin).to(x1.dtype)
+    r2 = (f2 * cos + f1 * sin).to(x1.dtype)
+    tl.store(ptrs, r1, mask=mask)
+    tl.store(ptrs + HALF, r2, mask=mask)
+    return r1, r2, mask
+
+
+@triton.jit
+def rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr,
+                           v_cache_ptr, slot_mapping_ptr, num_heads, num_kv_heads, q_programs,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_c, stride_cs, stride_ch,
+                           HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (t, j): j < q_programs rotates BLOCK_H query heads of row t; the others rotate
+    BLOCK_H KV heads of k and store them, with v's, at slot slot_mapping[t] (if >= 0)."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    offs = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + t)
+    cos = tl.load(cos_ptr + pos * stride_c + offs)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_c + offs)[None, :]
+    if j < q_programs:
+        heads = j * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rotate_heads(q_ptr + t * stride_qt, heads, num_heads, stride_qh, offs, cos, sin, HALF)
+    else:
+        heads = (j - q_programs) * BLOCK_H + tl.arange(0, BLOCK_H)
+        k1, k2, mask = _rotate_heads(k_ptr + t * stride_kt, heads, num_kv_heads, stride_kh,
+                                     offs, cos, sin, HALF)
+        slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+        if slot >= 0:
+            dst = slot * stride_cs + heads[:, None] * stride_ch + offs[None, :]
+            tl.store(k_cache_ptr + dst, k1, mask=mask)
+            tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
+            v_src = v_ptr + t * stride_vt + heads[:, None] * stride_vh + offs[None, :]
+            tl.store(v_cache_ptr + dst, tl.load(v_src, mask=mask), mask=mask)
+            tl.store(v_cache_ptr + dst + HALF, tl.load(v_src + HALF, mask=mask), mask=mask)
 
 
 @triton.jit

@@ -24,6 +24,8 @@ a few microseconds of Python beside the launches themselves (`scripts/host_overh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from punica.ops import checks as chk
@@ -46,8 +48,8 @@ from punica.ops.lora_plan import (
 )
 from punica.ops.lora_ref import add_lora_ref
 
-__all__ = ["ExpandConfig", "ShrinkConfig", "add_lora", "expand_config", "sgmv_expand",
-           "sgmv_shrink", "shrink_config", "workspace_numel", "workspace_views"]
+__all__ = ["ExpandConfig", "ShrinkConfig", "add_lora", "add_lora_beside", "expand_config",
+           "sgmv_expand", "sgmv_shrink", "shrink_config", "workspace_numel", "workspace_views"]
 
 _SHRINK: PlanCache[ShrinkPlan] = PlanCache()
 _EXPAND: PlanCache[ExpandPlan] = PlanCache()
@@ -148,21 +150,96 @@ def add_lora(
     """
     if x.is_cpu and not chk.interpreting():
         return add_lora_ref(y, x, A_pool, B_pool, indptr, slots, ranks, scales, slices)
+    plan = _add_plan(y, x, A_pool, B_pool, indptr, slots, ranks, scales, workspace,
+                     check_values, shrink, expand, slices, False)
+    if plan is not None:
+        assert workspace is not None  # the plan checked it
+        v, v_out, counters = plan.views(workspace)
+        _shrink(plan, x, A_pool, indptr, slots, ranks, v, v_out, counters)
+        _expand(plan, B_pool, y, indptr, slots, ranks, scales, v, v_out)
+    return y
+
+
+def add_lora_beside(
+    base: Callable[[], torch.Tensor],
+    x: torch.Tensor,
+    A_pool: torch.Tensor,
+    B_pool: torch.Tensor,
+    indptr: torch.Tensor,
+    slots: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    workspace: torch.Tensor,
+    stream: torch.cuda.Stream | None,
+    check_values: bool | None = None,
+    slices: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """y = base() plus `add_lora`'s deltas, the shrink running beside base() on `stream`.
+
+    base() computes y [T, out] from x on the current stream (the projection's GEMM,
+    x @ W.T [+ bias]); the shrink reads only x, so it need not wait for that GEMM:
+
+        current:  fork ── base(): y = x @ W.T ────────── join ── expand: y += v @ B
+        stream:     └──── shrink: v = x @ A.T ────────────┘
+
+    The fork is a wait of `stream` on the current stream once x is written (and every earlier
+    expand has read the workspace v); the join a wait of the current stream on `stream`. Both
+    are captured as graph edges. The shrink's latency then hides behind the GEMM instead of
+    following it; the expand follows the GEMM with PDL and reads y after its wait.
+    stream None: the same launches one after the other (CPU interpreter tests). On CPU without
+    the interpreter: the torch reference. Returns y.
+    """
+    if x.is_cpu and not chk.interpreting():
+        return add_lora_ref(base(), x, A_pool, B_pool, indptr, slots, ranks, scales, slices)
+    if stream is not None:
+        current = torch.cuda.current_stream(x.device)
+        stream.wait_stream(current)
+    y = base()
+    plan = _add_plan(y, x, A_pool, B_pool, indptr, slots, ranks, scales, workspace,
+                     check_values, None, None, slices, True)
+    if plan is None:
+        return y
+    v, v_out, counters = plan.views(workspace)
+    if stream is None:
+        _shrink(plan, x, A_pool, indptr, slots, ranks, v, v_out, counters)
+    else:
+        with torch.cuda.stream(stream):
+            _shrink(plan, x, A_pool, indptr, slots, ranks, v, v_out, counters)
+        current.wait_stream(stream)
+    _expand(plan, B_pool, y, indptr, slots, ranks, scales, v, v_out)
+    return y
+
+
+def _add_plan(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool: torch.Tensor,
+              indptr: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
+              scales: torch.Tensor, workspace: torch.Tensor | None, check_values: bool | None,
+              shrink: ShrinkConfig | None, expand: ExpandConfig | None,
+              slices: tuple[int, ...], beside: bool) -> AddLoraPlan | None:
+    """The checked plan of an add_lora call (value checks when asked); None: nothing to launch."""
     key = (sig(y), sig(x), sig(A_pool), sig(B_pool), sig(indptr), sig(slots), sig(ranks),
-           sig(scales), sig(workspace), shrink, expand, slices)
+           sig(scales), sig(workspace), shrink, expand, slices, beside)
     plan = _ADD.get(key, add_lora_plan, y, x, A_pool, B_pool, indptr, slots, ranks, scales,
-                    workspace, shrink, expand, slices)
+                    workspace, shrink, expand, slices, beside)
     s, e = plan.shrink, plan.expand
     if check_values or (check_values is None and plan.cpu):
         chk.check_values(indptr, slots, ranks, s.num_tokens, s.max_rank)
-    if s.launch is None or e.launch is None:
-        return y
-    assert workspace is not None  # the plan checked it
-    v, v_out, counters = plan.views(workspace)
-    if s.reduce:
-        s.launch(x, A_pool, v, indptr, slots, ranks, v_out, counters)
-        e.launch(v_out, B_pool, y, indptr, slots, ranks, scales)
+    return None if s.launch is None or e.launch is None else plan
+
+
+def _shrink(plan: AddLoraPlan, x: torch.Tensor, A_pool: torch.Tensor, indptr: torch.Tensor,
+            slots: torch.Tensor, ranks: torch.Tensor, v: torch.Tensor, v_out: torch.Tensor,
+            counters: torch.Tensor) -> None:
+    launch = plan.shrink.launch
+    assert launch is not None  # _add_plan returns None otherwise
+    if plan.shrink.reduce:
+        launch(x, A_pool, v, indptr, slots, ranks, v_out, counters)
     else:
-        s.launch(x, A_pool, v, indptr, slots, ranks, v, indptr)
-        e.launch(v, B_pool, y, indptr, slots, ranks, scales)
-    return y
+        launch(x, A_pool, v, indptr, slots, ranks, v, indptr)
+
+
+def _expand(plan: AddLoraPlan, B_pool: torch.Tensor, y: torch.Tensor, indptr: torch.Tensor,
+            slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, v: torch.Tensor,
+            v_out: torch.Tensor) -> None:
+    launch = plan.expand.launch
+    assert launch is not None
+    launch(v_out if plan.shrink.reduce else v, B_pool, y, indptr, slots, ranks, scales)

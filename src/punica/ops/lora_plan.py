@@ -140,9 +140,11 @@ def shrink_plan(x: torch.Tensor, A_pool: torch.Tensor, indptr: torch.Tensor,
 
 def expand_plan(v: torch.Tensor, B_pool: torch.Tensor, indptr: torch.Tensor,
                 slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, y: torch.Tensor,
-                config: ExpandConfig | None, slices: tuple[int, ...] = ()) -> ExpandPlan:
+                config: ExpandConfig | None, slices: tuple[int, ...] = (),
+                early_y: bool = True) -> ExpandPlan:
     """Checks of `sgmv_expand` (ValueError naming the argument) and its launch; `slices`: the
-    output widths of the LoRA slices (lora_kernels.py), () for one."""
+    output widths of the LoRA slices (lora_kernels.py), () for one; early_y: y is complete
+    before the PDL wait (the expand follows its shrink), so the row kernel may prefetch it."""
     chk.check_activation("y", y)
     num_tokens, out_features = y.shape
     chk.check_pool("B_pool", B_pool, y.dtype, y.device, out_features)
@@ -175,7 +177,7 @@ def expand_plan(v: torch.Tensor, B_pool: torch.Tensor, indptr: torch.Tensor,
         BLOCK_S=block_s(num_segments), USE_PDL=pdl)
     kernel = sgmv_expand_rows_kernel
     if config.block_m == 1:
-        flags.update(PREFETCH=config.prefetch)
+        flags.update(PREFETCH=config.prefetch, EARLY_Y=early_y)
     else:
         kernel = sgmv_expand_kernel
         flags.update(BLOCK_M=config.block_m, PRECISION=_precision(y.dtype))
@@ -211,8 +213,12 @@ def add_lora_plan(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool
                   indptr: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor,
                   scales: torch.Tensor, workspace: torch.Tensor | None,
                   shrink: ShrinkConfig | None, expand: ExpandConfig | None,
-                  slices: tuple[int, ...] = ()) -> AddLoraPlan:
-    """Checks of `add_lora` (the workspace, then those of its shrink and expand)."""
+                  slices: tuple[int, ...] = (), beside: bool = False) -> AddLoraPlan:
+    """Checks of `add_lora` (the workspace, then those of its shrink and expand).
+
+    beside: the shrink runs on a side stream while the GEMM that writes y runs, and the expand
+    follows that GEMM (`add_lora_beside`): the shrink without PDL (nothing before it on its
+    stream), the expand with PDL behind the GEMM, reading y only after its wait."""
     chk.check_activation("y", y)
     num_slices = chk.check_slices(slices, y.shape[1])
     num_tokens, max_rank = x.shape[0], B_pool.shape[1]
@@ -227,10 +233,12 @@ def add_lora_plan(y: torch.Tensor, x: torch.Tensor, A_pool: torch.Tensor, B_pool
     chk.expect(workspace.numel() >= need, "workspace.numel()", f">= {need}", workspace.numel())
     v, v_out, counters = workspace_views(workspace, shrink.num_splits, num_tokens, max_rank,
                                          num_slices)
+    if beside:
+        shrink = dataclasses.replace(shrink, use_pdl=False)
     s_plan = shrink_plan(x, A_pool, indptr, slots, ranks, v, shrink, v_out, counters,
                          num_slices)
     expand = expand or expand_config(num_tokens, slots.numel(), y.shape[1], max_rank)
-    expand = dataclasses.replace(expand, use_pdl=None)  # launched right after its shrink
+    expand = dataclasses.replace(expand, use_pdl=None)  # launched right after its shrink/GEMM
     e_plan = expand_plan(v_out if shrink.reduce else v, B_pool, indptr, slots, ranks, scales, y,
-                         expand, slices)
+                         expand, slices, early_y=not beside)
     return AddLoraPlan(s_plan, e_plan, shrink.num_splits, num_slices)

@@ -79,12 +79,15 @@ def sgmv_expand_rows_kernel(
     stride_vs, stride_vm, stride_bs, stride_br, stride_ym,
     NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    EARLY_Y: tl.constexpr,
 ):
     """y[row, n-tiles] += scale[slot] * v.sum(0)[row, :rank] @ B[slot, :rank, n-tiles].
 
-    PREFETCH: load the first B slab and y row before waiting for the shrink (PDL) and each next
-    tile while the current one is summed; it holds two tiles in registers (see the tile caps in
-    lora_config.py).
+    PREFETCH: load the first B slab (and, with EARLY_Y, the y row) before waiting for the kernel
+    before (PDL) and each next tile while the current one is summed; it holds two tiles in
+    registers (see the tile caps in lora_config.py). EARLY_Y only where y is complete before that
+    wait: right after this pair's shrink (PDL note in lora_kernels.py), not after the GEMM that
+    writes y (`add_lora_beside`).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -107,13 +110,15 @@ def sgmv_expand_rows_kernel(
     offs_n = n_first + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_hi
     if PREFETCH:
-        # B and y do not depend on the shrink: their latency overlaps it (y is complete: see the
-        # PDL note in lora_kernels.py).
+        # B does not depend on the kernel before: its latency overlaps that kernel.
         b_tile = tl.load(b_rows + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :],
                          other=0.0)
-        y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
+        if EARLY_Y:
+            y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
     if USE_PDL:
-        gdc_wait()  # v is the shrink's output
+        gdc_wait()  # v is the shrink's output (and, without EARLY_Y, y the GEMM's)
+    if PREFETCH and not EARLY_Y:
+        y_vec = tl.load(y_row + offs_n, mask=mask_n, other=0.0)
     v_ptrs = v_ptr + row64 * stride_vm + ls * max_rank + offs_r
     v = tl.load(v_ptrs, mask=mask_r, other=0.0)
     for split in tl.static_range(1, NUM_SPLITS):

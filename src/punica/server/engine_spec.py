@@ -32,7 +32,8 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
                           enforce_eager=ns.enforce_eager),
         cache=CacheConfig(ns.block_size, ns.gpu_memory_utilization, ns.kv_cache_bytes,
                           ns.num_kv_blocks),
-        lora=LoraConfig(ns.max_loras, ns.max_lora_rank, ns.max_cpu_loras),
+        lora=LoraConfig(ns.max_loras, ns.max_lora_rank, ns.max_cpu_loras,
+                        shrink_beside_gemm=ns.shrink_beside_gemm),
         scheduler=SchedulerConfig(ns.max_num_seqs, ns.max_num_batched_tokens,
                                   ns.async_scheduling))
 
