@@ -28,8 +28,8 @@ def family(name: str) -> str:
     rules = (("sgmv_shrink", "lora shrink"), ("sgmv_expand", "lora expand"),
              ("kv_write|rotary", "rotary + KV write"), ("rms_norm", "rms norm"),
              ("silu_and_mul", "silu*mul"),
-             ("paged|attend|decode_kernel|reduce_kernel", "attention"),
-             ("gemm|gemv|cutlass|sm90_xmma|cublas|nvjet", "gemm"),
+             ("gemm|gemv|cutlass|sm90_xmma|cublas|nvjet|splitK", "gemm"),
+             ("paged|decode_reduce", "attention"),
              ("reduce|norm|mean|rsqrt", "reductions"), ("elementwise|vectorized|unrolled",
                                                         "elementwise"),
              ("index|gather|embedding|cat|copy", "index/copy"))
@@ -91,12 +91,13 @@ def main() -> int:
                     args.batch, max_decode_batch=args.batch)
     result: dict[str, object] = {**run_info("python scripts/step_profile.py"),
                                  "batch": args.batch, "context": args.context, "variants": {}}
-    # (name, mix, graphs, shrink beside its GEMM)
+    # (name, mix, graphs, shrink beside its GEMM); the engine's eager steps: shrink after
     variants = [("distinct graph", "distinct", True, True),
                 ("distinct graph, shrink after GEMM", "distinct", True, False),
                 ("identical graph", "identical", True, True),
                 ("none graph", "none", True, False),
-                ("distinct eager", "distinct", False, True),
+                ("distinct eager", "distinct", False, False),
+                ("distinct eager, shrink beside GEMM", "distinct", False, True),
                 ("none eager", "none", False, False)]
     for name, mix, graphs, beside in variants:
         b = rig.batch([1] * args.batch, [args.context] * args.batch, mix_slots(mix, args.batch))

@@ -48,8 +48,8 @@ class LoraConfig:
     allow_pickle: bool = False
     """Accept adapter_model.bin (pickle) when no safetensors file exists."""
     shrink_beside_gemm: bool = True
-    """On CUDA: run each LoRA shrink on a side stream while the base GEMM of its projection
-    runs (`ops.lora.add_lora_beside`), rather than after it."""
+    """On CUDA, in step graphs: run each LoRA shrink on a side stream while the base GEMM of
+    its projection runs (`ops.lora.add_lora_beside`), rather than after it."""
 
 
 @dataclass(frozen=True)

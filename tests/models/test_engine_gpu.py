@@ -86,18 +86,16 @@ def test_decode_graphs_match_eager(family: tuple[Path, dict[str, Path]]) -> None
     assert tokens[True] == tokens[False]
 
 
-@pytest.mark.parametrize("eager", [True, False])
-def test_shrink_beside_gemm_matches_shrink_after(family: tuple[Path, dict[str, Path]],
-                                                 eager: bool) -> None:
-    """Each LoRA shrink on the side stream beside its GEMM (the default) generates the tokens
-    of the shrink after its GEMM, in eager steps and in step graphs."""
+def test_shrink_beside_gemm_matches_shrink_after(family: tuple[Path, dict[str, Path]]) -> None:
+    """Step graphs with each LoRA shrink on the side stream beside its GEMM (the default)
+    generate the tokens of graphs with the shrink after its GEMM."""
     base, adapters = family
     reqs = requests_for(384)
     tokens = {}
     for beside in (True, False):
-        llm = make_llm(base, adapters, "float32", enforce_eager=eager,
-                       shrink_beside_gemm=beside)
+        llm = make_llm(base, adapters, "float32", shrink_beside_gemm=beside)
         assert (llm.engine.lora_stream is not None) == beside
+        assert (llm.engine.graphs.lora_stream is not None) == beside
         outs = llm.generate([p for p, _, _ in reqs],
                             [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m in reqs],
                             lora=[a for _, a, _ in reqs], use_tqdm=False)

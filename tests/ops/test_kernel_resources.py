@@ -23,27 +23,33 @@ pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptx
 DECODE = dict(ranks="8,16,32,64,128", batches="1,8,32,64,128")
 PREFILL = dict(ranks="16,128", batches="512")
 SLICED = dict(ranks="16,64", batches="1,64,512", slices="4096,4096,4096")  # fused q/k/v
+BESIDE = dict(ranks="16", batches="1,8,32,64,128", beside=True)  # add_lora_beside
 
 
-def report(ranks: str, batches: str, slices: str = "") -> list[dict[str, object]]:
+def report(ranks: str, batches: str, slices: str = "",
+           beside: bool = False) -> list[dict[str, object]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "punica.ops.resources", "--json", "--ranks",
-                          ranks, "--batches", batches, "--slices", slices], env=env,
+                          ranks, "--batches", batches, "--slices", slices]
+                         + (["--beside"] if beside else []), env=env,
                          capture_output=True, text=True, check=True, timeout=600).stdout
-    return [json.loads(line) | {"sliced": bool(slices)} for line in out.splitlines()]
+    return [json.loads(line) | {"sliced": bool(slices), "beside": beside}
+            for line in out.splitlines()]
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict[str, object]]:
-    return report(**DECODE) + report(**PREFILL) + report(**SLICED)
+    return report(**DECODE) + report(**PREFILL) + report(**SLICED) + report(**BESIDE)
 
 
 def test_every_case_compiled_a_shrink_and_an_expand(rows: list[dict[str, object]]) -> None:
-    cases = {(r["rank"], r["batch"], r["mix"], r["sliced"]) for r in rows}
-    assert len(cases) == 5 * 5 * 2 + 2 * 2 + 2 * 3 * 2
+    def case_of(r: dict[str, object]) -> tuple[object, ...]:
+        return r["rank"], r["batch"], r["mix"], r["sliced"], r["beside"]
+
+    cases = {case_of(r) for r in rows}
+    assert len(cases) == 5 * 5 * 2 + 2 * 2 + 2 * 3 * 2 + 5 * 2
     for case in cases:
-        kernels = sorted(str(r["kernel"]).split("_")[1] for r in rows
-                         if (r["rank"], r["batch"], r["mix"], r["sliced"]) == case)
+        kernels = sorted(str(r["kernel"]).split("_")[1] for r in rows if case_of(r) == case)
         assert kernels == ["expand", "shrink"], case
 
 

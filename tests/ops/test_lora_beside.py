@@ -124,3 +124,24 @@ def test_graph_replays_on_fresh_inputs(mix: str, bs: int, out_features: int) -> 
         graph.replay()
         torch.cuda.synchronize()
         assert_close(p, W, y)
+
+
+def test_no_rows_is_the_gemm_alone(device: torch.device) -> None:
+    """Nothing to add (no rows): y is base()'s output, and the side stream is joined back."""
+    gen = torch.Generator().manual_seed(2)
+    p = make_problem(gen, device, torch.float16, [3], 32, 24, 16, [16])
+    x = p.x[:0]
+    W = weight(gen, p)
+    indptr = torch.zeros(2, dtype=torch.int32, device=device)
+    ws, stream = make_workspace(p), side_stream(device)
+
+    def call() -> torch.Tensor:
+        return lora.add_lora_beside(lambda: F.linear(x, W), x, p.A, p.B, indptr, p.slots,
+                                    p.ranks, p.scales, ws, stream)
+
+    assert call().shape == (0, 24)
+    if device.type == "cuda":  # a capture ends only with every forked stream joined back
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            assert call().shape == (0, 24)
+        graph.replay()

@@ -104,12 +104,15 @@ class Rig:
         return build_batch(scheduled, tables, BLOCK_SIZE, self.device)
 
     def step(self, batch: Batch, use_lora: bool, use_graphs: bool = True,
-             beside: bool = True) -> torch.Tensor:
+             beside: bool | None = None) -> torch.Tensor:
         """Logits of one step: decode-only batches replay a CUDA graph (on CUDA, unless
         use_graphs is False), others run eagerly; beside: each LoRA shrink on the side stream
-        beside its GEMM (on CUDA), else after it."""
-        beside = beside and use_lora
-        if use_graphs and self.graphs is not None and batch.decode_only:
+        beside its GEMM (on CUDA), else after it; None: as the engine does (beside in graphs,
+        after in eager steps)."""
+        graphs = use_graphs and self.graphs is not None and batch.decode_only
+        beside = use_lora and (graphs if beside is None else beside)
+        if graphs:
+            assert self.graphs is not None
             return self.graphs[use_lora, beside].run(batch)
         ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora if use_lora else None,
                           self.attention_backend, self.lora_stream if beside else None)

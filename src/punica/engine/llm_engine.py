@@ -59,7 +59,7 @@ class LLMEngine:
                                    self.dtype, device) if lc.max_loras > 0 else None)
         self.lora_stream = (torch.cuda.Stream(device) if self.lora_pool is not None
                             and self.lora_pool.capturable and lc.shrink_beside_gemm else None)
-        """The side stream of the LoRA shrinks (StepContext.lora_stream), on CUDA."""
+        """The side stream of the LoRA shrinks in step graphs (StepContext.lora_stream)."""
         self.kv_budget = kv_budget(cc, device) if cc.num_blocks is None else None
         """The bytes the KV pool was sized from (None: a fixed num_blocks)."""
         num_blocks = kv_blocks(self.arch, self.dtype, cc, device)
@@ -247,8 +247,11 @@ class LLMEngine:
             logits = self.graphs.run(batch)
             st.graph_steps += 1
         else:
+            # Eager steps run each shrink after its GEMM: a stream fork and join per projection
+            # is host time, and an eager decode step with them was host-bound (21.3 ms against
+            # 8.0 ms of GPU work at bs 32, benchmarks/results/step_profile.json).
             ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
-                              else None, self.attention_backend, self.lora_stream)
+                              else None, self.attention_backend)
             logits = self.model(ctx)
             st.eager_steps += 1
         self.scheduler.advance(out)

@@ -24,6 +24,7 @@ a few microseconds of Python beside the launches themselves (`scripts/host_overh
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -197,16 +198,14 @@ def add_lora_beside(
     y = base()
     plan = _add_plan(y, x, A_pool, B_pool, indptr, slots, ranks, scales, workspace,
                      check_values, None, None, slices, True)
-    if plan is None:
-        return y
-    v, v_out, counters = plan.views(workspace)
-    if stream is None:
-        _shrink(plan, x, A_pool, indptr, slots, ranks, v, v_out, counters)
-    else:
-        with torch.cuda.stream(stream):
+    if plan is not None:
+        v, v_out, counters = plan.views(workspace)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             _shrink(plan, x, A_pool, indptr, slots, ranks, v, v_out, counters)
+    if stream is not None:  # joined even with nothing launched: a capture needs it back
         current.wait_stream(stream)
-    _expand(plan, B_pool, y, indptr, slots, ranks, scales, v, v_out)
+    if plan is not None:
+        _expand(plan, B_pool, y, indptr, slots, ranks, scales, v, v_out)
     return y
 
 

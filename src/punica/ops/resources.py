@@ -110,11 +110,13 @@ def sm90_resources(kernels: Iterable[JITFunction]) -> Iterator[dict[str, Resourc
 def add_lora_resources(batch: int, mix: str, rank: int, in_features: int, out_features: int,
                        dtype: torch.dtype, shrink: ShrinkConfig | None = None,
                        expand: ExpandConfig | None = None,
-                       slices: tuple[int, ...] = ()) -> list[Resources]:
+                       slices: tuple[int, ...] = (), beside: bool = False) -> list[Resources]:
     """Resources of the shrink and expand that `add_lora` launches (by default, or with the given
     configs) for `batch` rows of `mix` ("distinct": a segment per row, else one adapter for all)
     at `rank`, planned as on an sm_90 device (PDL on where add_lora asks for it). With `slices`
-    (output widths), the sliced call of a fused projection (out_features is then their sum)."""
+    (output widths), the sliced call of a fused projection (out_features is then their sum).
+    beside: the launches of `add_lora_beside` (the shrink without PDL, the expand reading y
+    after its wait)."""
     adapters = batch if mix == "distinct" else 1
     num_slices = len(slices) or 1
     out_features = sum(slices) or out_features
@@ -135,7 +137,7 @@ def add_lora_resources(batch: int, mix: str, rank: int, in_features: int, out_fe
     with (mock.patch.object(lora_plan, "_use_pdl", lambda flag, device: flag is not False),
           sm90_resources(kernels) as found):
         plan = lora_plan.add_lora_plan(y, x, A, B, indptr, slots, ranks, scales, workspace,
-                                       shrink, expand, slices)
+                                       shrink, expand, slices, beside)
         v, v_out, counters = plan.views(workspace)
         s, e = plan.shrink, plan.expand
         assert s.launch is not None and e.launch is not None
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--slices", default="", help="output widths of a sliced call, e.g. "
                     "4096,4096,4096 (fused q/k/v)")
+    ap.add_argument("--beside", action="store_true", help="add_lora_beside's launches")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not args.json:
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             for mix in args.mixes.split(","):
                 slices = tuple(int(w) for w in args.slices.split(",") if w)
                 for r in add_lora_resources(batch, mix, rank, args.in_f, args.out_f,
-                                            getattr(torch, args.dtype), slices=slices):
+                                            getattr(torch, args.dtype), slices=slices,
+                                            beside=args.beside):
                     if args.json:
                         row = {"rank": rank, "batch": batch, "mix": mix, **asdict(r)}
                         print(json.dumps(row, default=str))

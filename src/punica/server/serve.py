@@ -39,7 +39,8 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
                     "what --gpu-memory-utilization or --kv-cache-bytes leaves room for)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--shrink-beside-gemm", action=argparse.BooleanOptionalAction, default=True,
-                    help="run each LoRA shrink on a side stream beside its base GEMM (CUDA)")
+                    help="run each LoRA shrink on a side stream beside its base GEMM (CUDA "
+                    "step graphs)")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                     help="schedule and launch each step while the previous one still runs "
                     "(requests with penalties run synchronous steps)")
