@@ -103,10 +103,24 @@ def test_rank_block_covers_small_and_large_pools() -> None:
         assert lora.shrink_config(T, 8, 4096, 128).block_r == 64
 
 
+def test_small_batches_take_fewer_longer_shrink_splits() -> None:
+    """2..8 rows: 8 splits of 512 on 8 warps where 16 of 256 would be the rule (row_probe)."""
+    assert lora.shrink_config(8, 8, 4096, 16) == lora.ShrinkConfig(1, 16, 512, 8, num_warps=8)
+    assert lora.shrink_config(2, 1, 4096, 16, 3) == lora.ShrinkConfig(1, 16, 512, 8, num_warps=8)
+    assert lora.shrink_config(1, 1, 4096, 16) == lora.ShrinkConfig(1, 16, 256, 16)
+    assert lora.shrink_config(16, 16, 4096, 16) == lora.ShrinkConfig(1, 16, 256, 16)
+    assert lora.shrink_config(8, 8, 1024, 16).num_splits == 4  # K too short for 16: unchanged
+
+
 def test_expand_holds_the_whole_rank_and_shrinks_tiles_as_it_grows() -> None:
     assert lora.expand_config(64, 64, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 2)
     assert lora.expand_config(64, 8, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 1)
-    assert lora.expand_config(8, 8, 11008, 16) == lora.ExpandConfig(1, 512, 16, 1)
+    # up to SMALL_BATCH_ROWS: no prefetch; 1024-column slabs on 8 warps past one row
+    assert lora.expand_config(8, 8, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 1, num_warps=8,
+                                                                    prefetch=False)
+    assert lora.expand_config(1, 1, 11008, 16) == lora.ExpandConfig(1, 512, 16, 1,
+                                                                    prefetch=False)
+    assert lora.expand_config(9, 9, 11008, 16).prefetch
     assert lora.expand_config(32, 32, 11008, 16) == lora.ExpandConfig(1, 1024, 16, 1)
     # register tiles of at most 16 x 1024 (tests/ops/test_kernel_resources.py)
     assert lora_config.row_expand_config(64, 64, 32) == lora.ExpandConfig(1, 512, 32, 2)

@@ -46,6 +46,13 @@ ROW_SHRINK_BLOCK_K = 256
 # (rank 64, lora_op.json). Rank tiles past 16 get proportionally narrower K / N tiles.
 ROW_SHRINK_TILE = 16 * ROW_SHRINK_BLOCK_K
 ROW_EXPAND_TILE = 16 * 1024
+# Small batches (2..8 rows): the fastest row pair at bs 8 Distinct, rank 16, 4096 -> 11008
+# (row_probe.json, 42111e7): 8 shrink splits of 512 on 8 warps, 1024-column B slabs on 8 warps
+# without the prefetch, 7.98 us against 11.1 for the 16 x 256 / 512-column prefetching pair (the
+# previous default; lora_op.json, 42111e7). At bs 1 the fastest kept 16 x 256 and 512-column slabs
+# without the prefetch: 5.40 against 6.3 us. The prefetch lost 1-3 us at bs 1-8 already at
+# 3accdb7 (and gained 1-4 us at bs 16-64).
+SMALL_BATCH_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -139,19 +146,26 @@ def row_shrink_config(num_tokens: int, num_segments: int, in_features: int,
     while (splits < 4 and in_features // (splits * 2) >= ROW_SHRINK_BLOCK_K
            and splits * 2 * num_tokens <= max(num_tokens, SPLIT_ROWS_BUDGET)):
         splits *= 2
-    return ShrinkConfig(block_m=1, block_r=block_r, block_k=ROW_SHRINK_TILE // block_r,
-                        num_splits=splits)
+    block_k, warps = ROW_SHRINK_TILE // block_r, 4
+    if 1 < num_tokens <= SMALL_BATCH_ROWS and splits > 8 and block_r == 16:
+        # half the splits, twice the K step on twice the warps: fewer partials for the expand
+        splits, block_k, warps = splits // 2, 2 * block_k, 8
+    return ShrinkConfig(block_m=1, block_r=block_r, block_k=block_k, num_splits=splits,
+                        num_warps=warps)
 
 
 def row_expand_config(num_tokens: int, num_segments: int, max_rank: int) -> ExpandConfig:
     """Row expand launch (block_m = 1): the whole rank, B slabs of ROW_EXPAND_TILE elements.
     Valid at any rank (explicit configs)."""
     block_r = max(16, triton.next_power_of_2(max_rank))
-    block_n = min(512 if num_tokens <= 8 else 1024, ROW_EXPAND_TILE // block_r)
+    small = num_tokens <= SMALL_BATCH_ROWS
+    block_n = min(512 if num_tokens == 1 else 1024, ROW_EXPAND_TILE // block_r)
     # Two column tiles per program helped only where every row reads its own B (distinct, bs 64
     # and 128 measured); at bs 32 the pair of prefetched 16 x 1024 slabs spilled (sm_90 ptxas).
     tiles = 2 if num_segments >= 64 and num_segments * 2 > num_tokens else 1
-    return ExpandConfig(block_m=1, block_n=block_n, block_r=block_r, tiles_per_program=tiles)
+    warps = 8 if small and num_tokens > 1 else 4
+    return ExpandConfig(block_m=1, block_n=block_n, block_r=block_r, tiles_per_program=tiles,
+                        num_warps=warps, prefetch=not small)
 
 
 def tile_shrink_config(num_tokens: int, num_segments: int, in_features: int,
