@@ -32,6 +32,15 @@ def test_mix_slots() -> None:
     assert mix_slots("uniform", 4) == [0, 0, 1, 1]
 
 
+def test_textgen_without_the_lora_off_baseline(tmp_path: Path) -> None:
+    rc = main(["bench", "textgen", "--arch", "tiny", "--device", "cpu", "--num-requests", "3",
+               "--maxlen", "32", "--mixes", "skewed", "--caps", "2", "--hf-requests", "0",
+               "--no-lora-off-baseline", "--kv-cache-gb", "0.01", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "textgen.json").read_text())["rows"]
+    assert [(r["engine"], r["mix"], r["requests"]) for r in rows] == [("punica", "skewed", 3)]
+
+
 def test_textgen_bench_smoke(tmp_path: Path) -> None:
     rc = main(["bench", "textgen", "--arch", "tiny", "--device", "cpu", "--num-requests", "6",
                "--maxlen", "48", "--mixes", "distinct,identical", "--caps", "3", "--max-loras",

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                     "request holds one, so fewer cap the uncapped runs' batch (128 slots: 5,783 "
                     "tok/s against 6,089 with 256 at 1,000 requests, benchmarks/results)")
     ap.add_argument("--hf-requests", type=int, default=8, help="0 skips HF + PEFT")
+    ap.add_argument("--lora-off-baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the same requests with LoRA off after each cap's mixes")
     ap.add_argument("--hf-max-new", type=int, default=64, help="new tokens per HF request")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                     help="the engine schedules step k+1 while step k runs")
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             model=model)
         warmup_s = engine.warmup()  # graph captures stay out of the timed runs
         names = {i: f"a{i}" for i in range(args.num_requests)}
-        for mix in args.mixes.split(",") + ["no-lora"]:
+        for mix in args.mixes.split(",") + (["no-lora"] if args.lora_off_baseline else []):
             ids = adapter_of_requests("identical" if mix == "no-lora" else mix, len(requests))
             for i in sorted(set(ids)):
                 if names[i] not in engine.registry:
