@@ -26,6 +26,7 @@ from punica.models.random import llama2_7b, tiny
 def family(name: str) -> str:
     """A short group name for a kernel: SGMV, attention, GEMM (cuBLAS/cutlass), elementwise..."""
     rules = (("sgmv_shrink", "lora shrink"), ("sgmv_expand", "lora expand"),
+             ("Memcpy HtoD|Memset", "host-to-device copies"),
              ("kv_write|rotary", "rotary + KV write"), ("rms_norm", "rms norm"),
              ("silu_and_mul", "silu*mul"),
              ("gemm|gemv|cutlass|sm90_xmma|cublas|nvjet|splitK", "gemm"),
@@ -42,13 +43,16 @@ def family(name: str) -> str:
 STEPS = 3
 
 
-def profile_steps(step: Callable[[], None], device: torch.device) -> dict[str, object]:
-    """Kernel times of STEPS steps (per step): by kernel, by family, and the GPU's busy time
-    (the union of the kernels' intervals: kernels on two streams overlap)."""
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+def profile_steps(step: Callable[[], object], device: torch.device, steps: int = STEPS,
+                  trace_cpu: bool = True) -> dict[str, object]:
+    """Kernel times of `steps` steps (per step): by kernel, by family, and the GPU's busy time
+    (the union of the kernels' intervals: kernels on two streams overlap). trace_cpu False
+    records only the device's activity (no host-side op tracing to slow the host down)."""
+    acts = [ProfilerActivity.CPU] if trace_cpu or device.type != "cuda" else []
+    acts += [ProfilerActivity.CUDA] if device.type == "cuda" else []
     step()
     with profile(activities=acts) as prof:
-        for _ in range(STEPS):
+        for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -58,7 +62,7 @@ def profile_steps(step: Callable[[], None], device: torch.device) -> dict[str, o
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
         start, end = ev.time_range.start, ev.time_range.end  # microseconds
-        kernels[ev.name][0] += (end - start) / STEPS / 1e3
+        kernels[ev.name][0] += (end - start) / steps / 1e3
         kernels[ev.name][1] += 1
         spans.append((start, end))
     busy, reach = 0.0, float("-inf")
@@ -70,12 +74,12 @@ def profile_steps(step: Callable[[], None], device: torch.device) -> dict[str, o
     counts: dict[str, int] = defaultdict(int)
     for name, (ms, cnt) in kernels.items():
         groups[family(name)] += ms
-        counts[family(name)] += cnt // STEPS
+        counts[family(name)] += cnt // steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-    return {"kernel_ms": sum(groups.values()), "busy_ms": busy / STEPS / 1e3,
-            "kernels_per_step": sum(c for _, c in kernels.values()) // STEPS,
+    return {"kernel_ms": sum(groups.values()), "busy_ms": busy / steps / 1e3,
+            "kernels_per_step": sum(c for _, c in kernels.values()) // steps,
             "groups_ms": dict(groups), "groups_count": dict(counts),
-            "top": [(n[:120], ms, cnt // STEPS) for n, (ms, cnt) in top]}
+            "top": [(n[:120], ms, cnt // steps) for n, (ms, cnt) in top]}
 
 
 def main() -> int:

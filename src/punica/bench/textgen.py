@@ -30,13 +30,20 @@ from punica.engine.scheduler import SchedulerConfig
 from punica.models.random import llama2_7b, random_adapter, random_model, tiny
 
 
-def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: list[str | None],
-               vocab: int, label: str) -> dict[str, float]:
+def add_requests(engine: LLMEngine, requests: list[tuple[int, int]],
+                 adapters: list[str | None], vocab: int, label: str) -> None:
+    """Every request at once: random prompt ids of its length, greedy, exactly its output
+    length."""
     gen = torch.Generator().manual_seed(0)
     for i, ((p_len, o_len), name) in enumerate(zip(requests, adapters, strict=True)):
         prompt = torch.randint(1, vocab, (p_len,), generator=gen).tolist()
         engine.add_request(f"{label}-{i}", prompt, SamplingParams(
             max_tokens=o_len, temperature=0.0, ignore_eos=True), name)
+
+
+def run_engine(engine: LLMEngine, requests: list[tuple[int, int]], adapters: list[str | None],
+               vocab: int, label: str) -> dict[str, float]:
+    add_requests(engine, requests, adapters, vocab, label)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     engine.step_stats.reset()
