@@ -82,6 +82,18 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int =
             "top": [(n[:120], ms, cnt // steps) for n, (ms, cnt) in top]}
 
 
+def print_row(name: str, row: dict[str, object], step_ms: float, top: int = 12) -> None:
+    """One profiled variant: its step beside the GPU's busy time, families, top kernels."""
+    print(f"== {name}: step {step_ms:.2f} ms, kernels {row['kernel_ms']:.2f} ms "
+          f"({row['kernels_per_step']} per step), GPU busy {row['busy_ms']:.2f} ms, "
+          f"idle {step_ms - row['busy_ms']:.2f} ms")
+    groups, counts = row["groups_ms"], row["groups_count"]
+    for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"   {g:>22}: {ms:7.3f} ms  x{counts[g]}")
+    for n, ms, cnt in row["top"][:top]:
+        print(f"   {ms:7.3f} ms  x{cnt:<4} {n[:110]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
@@ -114,13 +126,7 @@ def main() -> int:
         row = profile_steps(step, device)
         row["step_ms"] = step_ms
         result["variants"][name] = row
-        print(f"== {name}: step {step_ms:.2f} ms, kernels {row['kernel_ms']:.2f} ms "
-              f"({row['kernels_per_step']} per step), GPU busy {row['busy_ms']:.2f} ms, "
-              f"idle {step_ms - row['busy_ms']:.2f} ms")
-        for g, ms in sorted(row["groups_ms"].items(), key=lambda kv: -kv[1]):
-            print(f"   {g:>12}: {ms:7.3f} ms  x{row['groups_count'][g]}")
-        for n, ms, cnt in row["top"][:12]:
-            print(f"   {ms:7.3f} ms  x{cnt:<4} {n[:110]}")
+        print_row(name, row, step_ms)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_profile.json").write_text(json.dumps(result, indent=1))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from step_profile import profile_steps
+from step_profile import print_row, profile_steps
 
 from punica.bench.textgen import add_requests
 from punica.bench.timing import run_info
@@ -91,11 +91,7 @@ def main() -> int:
         row.update(step_ms=wall_ms, running_at_start=running,
                    step_stats=engine.step_stats.summary())
         result["mixes"][mix] = row
-        print(f"== {mix}: {wall_ms:.2f} ms per step ({running} running), GPU busy "
-              f"{row['busy_ms']:.2f} ms, idle {wall_ms - row['busy_ms']:.2f} ms, "
-              f"{row['kernels_per_step']} kernels/copies per step")
-        for g, ms in sorted(row["groups_ms"].items(), key=lambda kv: -kv[1]):
-            print(f"   {g:>22}: {ms:7.3f} ms  x{row['groups_count'][g]}")
+        print_row(f"{mix} ({running} running)", row, wall_ms, top=20)
         del engine
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
