@@ -74,20 +74,41 @@ def test_prefill_matches_reference(device: torch.device, dtype: torch.dtype, hea
     assert rel_err(out, reference(c)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("splits", (1, 2, 3))
+@pytest.mark.parametrize("splits,merge_in_kernel", [(1, True), (2, False), (3, False),
+                                                    (2, True), (3, True)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (4, 2, 32), (8, 1, 24)])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
 def test_decode_matches_reference(device: torch.device, dtype: torch.dtype, heads: int,
-                                  kv_heads: int, head_dim: int, splits: int) -> None:
-    gen = torch.Generator().manual_seed(seed_of(dtype, heads, kv_heads, splits))
+                                  kv_heads: int, head_dim: int, splits: int,
+                                  merge_in_kernel: bool) -> None:
+    """Contexts of one split and of several (split length 32 or 22 -> 32 at block_n 16), the
+    workspace poisoned; the in-kernel merge leaves its counters at 0 for the next launch."""
+    gen = torch.Generator().manual_seed(seed_of(dtype, heads, kv_heads, splits, merge_in_kernel))
     contexts = [1, 37, 8, 64, 15]
     c = make_case(gen, device, dtype, contexts, [1] * 5, heads, kv_heads, head_dim, 8)
-    out = torch.full_like(c["q"], float("nan"))
     ws = attn.DecodeWorkspace.allocate(8, heads, head_dim, splits, device) if splits > 1 else None
-    attn.paged_decode(c["q"], c["k_cache"], c["v_cache"], c["seq_lens_t"], c["tables_t"],
-                      c["scale"], out, max_context=64, workspace=ws, block_n=16)
-    assert not torch.isnan(out).any()
-    assert rel_err(out, reference(c)) <= TOL[dtype]
+    if ws is not None:
+        ws.part_out.fill_(float("nan"))
+        ws.part_lse.fill_(float("nan"))
+    for _ in range(2):  # the second launch reuses the counters the first one left
+        out = torch.full_like(c["q"], float("nan"))
+        attn.paged_decode(c["q"], c["k_cache"], c["v_cache"], c["seq_lens_t"], c["tables_t"],
+                          c["scale"], out, max_context=64, workspace=ws, block_n=16,
+                          merge_in_kernel=merge_in_kernel)
+        assert not torch.isnan(out).any()
+        assert rel_err(out, reference(c)) <= TOL[dtype]
+    if ws is not None:
+        assert int(ws.counters.abs().sum()) == 0
+
+
+def test_decode_rejects_a_bad_workspace(device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(5)
+    c = make_case(gen, device, torch.float32, [3, 9], [1, 1], 4, 2, 16, 8)
+    ws = attn.DecodeWorkspace.allocate(8, 4, 16, 2, device)
+    bad = attn.DecodeWorkspace(ws.part_out, ws.part_lse, ws.counters.to(torch.int64))
+    with pytest.raises(ValueError, match="workspace.counters"):
+        attn.paged_decode(c["q"], c["k_cache"], c["v_cache"], c["seq_lens_t"], c["tables_t"],
+                          c["scale"], torch.empty_like(c["q"]), max_context=16, workspace=bad)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)

@@ -13,6 +13,7 @@ workload's prompts are short.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from punica.engine.block_manager import BlockManager
@@ -34,9 +35,11 @@ class Replay:
 
 
 def replay(requests: list[tuple[int, int]], adapters: list[str | None], config: SchedulerConfig,
-           num_slots: int, num_blocks: int | None = None, block_size: int = 16) -> Replay:
+           num_slots: int, num_blocks: int | None = None, block_size: int = 16,
+           on_step: Callable[[list[int]], None] | None = None) -> Replay:
     """Run the scheduler over (prompt, output) lengths as the engine would (by default with KV
-    blocks for every request at once: no preemption)."""
+    blocks for every request at once: no preemption). on_step gets each step's contexts (the
+    tokens each scheduled sequence attends to)."""
     if num_blocks is None:
         num_blocks = sum(-(-(p + o) // block_size) for p, o in requests)
     sched = Scheduler(config, BlockManager(num_blocks, block_size), AdapterSlots(num_slots))
@@ -49,7 +52,10 @@ def replay(requests: list[tuple[int, int]], adapters: list[str | None], config: 
             raise RuntimeError("the replay stalled: nothing could be scheduled")
         steps += 1
         adapter_reads += len({s.seq.slot for s in out.scheduled if s.seq.slot >= 0})
-        kv_tokens += sum(s.start + s.num_new_tokens for s in out.scheduled)
+        contexts = [s.start + s.num_new_tokens for s in out.scheduled]
+        kv_tokens += sum(contexts)
+        if on_step is not None:
+            on_step(contexts)
         sched.advance(out)
         for s in out.scheduled:
             if s.samples:

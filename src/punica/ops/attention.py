@@ -8,9 +8,12 @@
     paged_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out)
         rows cu[b]:cu[b+1] of q are the last positions of sequence b (context seq_lens[b], already
         in the cache): out = softmax(q K^T * scale, causal) V per sequence and head
-    paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, workspace=None)
+    paged_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, out, max_context=None,
+                 workspace=None, merge_in_kernel=True)
         the same with exactly one query row per sequence (q [B, H, D]); with a DecodeWorkspace the
-        context is split over `num_splits` programs per (sequence, KV head) and merged
+        context (at most max_context) is split into `num_splits` runs of
+        cdiv(max_context, num_splits) tokens, one program each per (sequence, KV head), merged
+        by the last split of the sequence to finish (merge_in_kernel) or by a second kernel
 
 Shapes: q/out [T, H, D]; caches [num_blocks, block_size, H_kv, D] (H a multiple of H_kv, grouped
 query heads h // (H / H_kv)); cu_seqlens_q int32 [B + 1]; seq_lens int32 [B]; block_tables int32
@@ -39,16 +42,21 @@ from punica.ops.tiles import block_s, grid_rows
 
 @dataclass(frozen=True)
 class DecodeWorkspace:
-    """Split-KV partials: part_out [B, H, S, D] and part_lse [B, H, S], float32."""
+    """Split-KV partials: part_out [B, H, S, D] and part_lse [B, H, S], float32; counters
+    [B, H] int32, all 0 between launches (the in-kernel merge counts finished splits there and
+    its merger resets them: a launch cut short would leave them dirty, so they are never shared
+    between streams)."""
 
     part_out: torch.Tensor
     part_lse: torch.Tensor
+    counters: torch.Tensor
 
     @classmethod
     def allocate(cls, max_seqs: int, num_heads: int, head_dim: int, num_splits: int,
                  device: torch.device) -> DecodeWorkspace:
         return cls(torch.empty(max_seqs, num_heads, num_splits, head_dim, device=device),
-                   torch.empty(max_seqs, num_heads, num_splits, device=device))
+                   torch.empty(max_seqs, num_heads, num_splits, device=device),
+                   torch.zeros(max_seqs, num_heads, dtype=torch.int32, device=device))
 
     @property
     def num_splits(self) -> int:
@@ -221,17 +229,20 @@ def _prefill_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                  out: torch.Tensor, max_context: int | None = None,
-                 workspace: DecodeWorkspace | None = None, block_n: int = 32) -> torch.Tensor:
+                 workspace: DecodeWorkspace | None = None, block_n: int = 32,
+                 merge_in_kernel: bool = True) -> torch.Tensor:
     """One query row per sequence. With `workspace` the context (at most `max_context` tokens,
     a host-side bound such as max_model_len) is split over workspace.num_splits programs."""
     part_out = workspace.part_out if workspace is not None else out
     part_lse = workspace.part_lse if workspace is not None else seq_lens
+    counters = workspace.counters if workspace is not None else seq_lens
     key = (sig(q), sig(k_cache), sig(v_cache), sig(seq_lens), sig(block_tables), scale,
-           sig(out), max_context, workspace is not None, sig(part_out), sig(part_lse), block_n)
+           sig(out), max_context, workspace is not None, sig(part_out), sig(part_lse),
+           sig(counters), block_n, merge_in_kernel)
     attend, merge = _DECODE.get(key, _decode_plan, q, k_cache, v_cache, seq_lens, block_tables,
-                                scale, out, max_context, workspace, block_n)
+                                scale, out, max_context, workspace, block_n, merge_in_kernel)
     if attend is not None:
-        attend(q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables)
+        attend(q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables, counters)
     if merge is not None:
         merge(part_out, part_lse, out)
     return out
@@ -240,7 +251,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                  out: torch.Tensor, max_context: int | None, workspace: DecodeWorkspace | None,
-                 block_n: int) -> tuple[KernelLaunch | None, KernelLaunch | None]:
+                 block_n: int, merge_in_kernel: bool
+                 ) -> tuple[KernelLaunch | None, KernelLaunch | None]:
     _check_q("q", q)
     _check_q("out", out)
     expect(out.shape == q.shape and out.dtype == q.dtype, "out", f"{tuple(q.shape)} {q.dtype}",
@@ -255,6 +267,11 @@ def _decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         expect(workspace.part_out.shape[0] >= B and workspace.part_out.shape[1] == H and
                workspace.part_out.shape[3] == D, "workspace.part_out.shape",
                f"[>= {B}, {H}, splits, {D}]", tuple(workspace.part_out.shape))
+        c = workspace.counters
+        expect(c.dtype == torch.int32 and c.dim() == 2 and c.shape[0] >= B and
+               c.shape[1] >= k_cache.shape[2] and c.stride(1) == 1 and c.device == q.device,
+               "workspace.counters", f"int32 [>= {B}, >= {k_cache.shape[2]}] on {q.device}",
+               f"{c.dtype} {tuple(c.shape)} strides {c.stride()} on {c.device}")
     if B == 0:
         return None, None
     per_split = cdiv(cdiv(max_context or 1, splits), block_n) * block_n
@@ -262,17 +279,19 @@ def _decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         per_split = 2**31 - 1
     part_out = workspace.part_out if workspace is not None else out
     part_lse = workspace.part_lse if workspace is not None else seq_lens
+    split = splits > 1
     group = H // k_cache.shape[2]
     common = _common(q, k_cache)
     attend = KernelLaunch(
-        paged_decode_kernel, (B, k_cache.shape[2], splits), 8,
+        paged_decode_kernel, (B, k_cache.shape[2], splits), 9,
         (scale, per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-         part_out.stride(0), part_out.stride(1), part_out.stride(2) if splits > 1 else 0,
-         part_lse.stride(0) if splits > 1 else 0, part_lse.stride(1) if splits > 1 else 0),
+         part_out.stride(0), part_out.stride(1), part_out.stride(2) if split else 0,
+         part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
+         workspace.counters.stride(0) if split else 0),
         dict(GROUP=group, GROUP_P2=max(16, next_power_of_2(group)), BLOCK_N=block_n,
-             NUM_SPLITS=splits, **common), {})
-    if splits == 1:
+             NUM_SPLITS=splits, MERGE_IN_KERNEL=merge_in_kernel and split, **common), {})
+    if not split or merge_in_kernel:
         return attend, None
     merge = KernelLaunch(
         decode_reduce_kernel, (B, H), 3,

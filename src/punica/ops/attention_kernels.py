@@ -8,8 +8,14 @@
   tiles located as in SGMV (`tiles.locate_tile`); online softmax in fp32.
 - `paged_decode_kernel`: one query row per sequence; program = (sequence, KV head, KV split); the
   GROUP query heads that share a KV head are handled together, so each K/V tile is read once.
-  With several splits each program writes a partial output and its log-sum-exp, and
-  `decode_reduce_kernel` merges them.
+  With several splits each program writes a partial output and its log-sum-exp, merged either
+  by `decode_reduce_kernel` or, with MERGE_IN_KERNEL, by the sequence's last split to finish
+  (an int32 counter per (sequence, KV head) counts the finished splits; the merger sets it back
+  to 0, so the counters are all 0 between launches, as a CUDA graph's replays need). There a
+  split of fixed length `tokens_per_split` is active only where the context reaches it, and a
+  context of one split writes `out` itself: short contexts cost what an unsplit launch costs,
+  long ones spread over several programs instead of one (a batch of mixed lengths no longer
+  waits on its longest sequence's one program).
 Token t of sequence b is read from block block_tables[b, t // BLOCK_SIZE] at offset
 t % BLOCK_SIZE.
 """
@@ -183,12 +189,12 @@ def paged_prefill_kernel(
 @triton.jit
 def paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr,
-    block_tables_ptr, scale, tokens_per_split,
+    block_tables_ptr, counters_ptr, scale, tokens_per_split,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ct, stride_ch, stride_bt,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_nb,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One sequence's query heads of one KV head, over one split of its context."""
     b = tl.program_id(0)
@@ -212,15 +218,66 @@ def paged_decode_kernel(
                             mask_d, scale, stride_cb, stride_ct, stride_ch, GROUP_P2, BLOCK_D,
                             BLOCK_N, BLOCK_SIZE, False, PRECISION, DOT_FP32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    active = tl.maximum(tl.cdiv(ctx, tokens_per_split), 1)  # splits holding context tokens
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask_q)
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        base = b.to(tl.int64) * stride_pb + split * stride_ps
-        tl.store(part_out_ptr + base + heads[:, None] * stride_ph + d[None, :], out, mask=mask_q)
-        tl.store(part_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
-                 mask=mask_g)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_q)
+    elif not MERGE_IN_KERNEL:  # every split, empty ones too (lse -inf: weight 0 in the reduce)
+        _store_partial(out, m_i, l_i, part_out_ptr, part_lse_ptr, b, split, heads, mask_g, d,
+                       mask_q, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
+    elif active == 1:
+        if split == 0:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_q)
+    elif split < active:
+        _store_partial(out, m_i, l_i, part_out_ptr, part_lse_ptr, b, split, heads, mask_g, d,
+                       mask_q, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
+        # every thread's partial stores precede the release of the counter increment; the
+        # program that sees active - 1 finished before it merges, then resets the counter
+        tl.debug_barrier()
+        counter = counters_ptr + b.to(tl.int64) * stride_nb + kv_head
+        done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if done == active - 1:
+            merged = _merge_splits(part_out_ptr, part_lse_ptr, b, heads, mask_g, d, mask_q,
+                                   active, stride_pb, stride_ph, stride_ps, stride_lb,
+                                   stride_lh, GROUP_P2, BLOCK_D)
+            tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=mask_q)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _store_partial(out, m_i, l_i, part_out_ptr, part_lse_ptr, b, split, heads, mask_g, d,
+                   mask_q, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh):
+    """part_out[b, heads, split] = out (normalised), part_lse[b, heads, split] = m + log(l)."""
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    base = b.to(tl.int64) * stride_pb + split * stride_ps
+    tl.store(part_out_ptr + base + heads[:, None] * stride_ph + d[None, :], out, mask=mask_q)
+    tl.store(part_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse,
+             mask=mask_g)
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, b, heads, mask_g, d, mask_q, active, stride_pb,
+                  stride_ph, stride_ps, stride_lb, stride_lh, GROUP_P2: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """sum_s w_s * part_out[b, heads, s] over the active splits, w = softmax of their lse (read
+    past the L1: other programs wrote them)."""
+    m = tl.full((GROUP_P2,), float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros((GROUP_P2,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_P2, BLOCK_D), dtype=tl.float32)
+    for s in range(0, active):
+        lse = tl.load(part_lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + s,
+                      mask=mask_g, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_out_ptr + b.to(tl.int64) * stride_pb + s * stride_ps +
+                       heads[:, None] * stride_ph + d[None, :], mask=mask_q, other=0.0,
+                       cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * part
+        l_sum = l_sum * alpha + w
+        m = m_new
+    return acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
 
 
 @triton.jit
