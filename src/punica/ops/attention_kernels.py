@@ -201,6 +201,9 @@ def paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(seq_lens_ptr + b)
+    if MERGE_IN_KERNEL:
+        if split > 0 and split * tokens_per_split >= ctx:
+            return  # a split past the context: nothing to read or write
     g = tl.arange(0, GROUP_P2)
     mask_g = g < GROUP
     heads = kv_head * GROUP + g
