@@ -24,6 +24,10 @@ class ModelConfig:
     enforce_eager: bool = False
     """Never use CUDA graphs (otherwise decode steps are captured per batch-size bucket, and
     mixed steps of up to 512 rows per token and sequence bucket)."""
+    decode_split_tokens: int = 512
+    """Decode steps where some context is longer than this split every context into runs of
+    about this many tokens, one program each, merged in the kernel (Triton attention); 0:
+    never split."""
 
 
 @dataclass(frozen=True)

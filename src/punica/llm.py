@@ -25,10 +25,11 @@ class LLM:
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, seed: int = 0,
                  allow_pickle: bool = False, attention_backend: str = "auto",
-                 enforce_eager: bool = False, shrink_beside_gemm: bool = True) -> None:
+                 enforce_eager: bool = False, shrink_beside_gemm: bool = True,
+                 decode_split_tokens: int = 512) -> None:
         self.engine = LLMEngine(EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, seed, attention_backend,
-                              enforce_eager),
+                              enforce_eager, decode_split_tokens),
             cache=CacheConfig(block_size, gpu_memory_utilization, kv_cache_bytes, num_kv_blocks),
             lora=LoraConfig(max_loras, max_lora_rank, max_cpu_loras, allow_pickle,
                             shrink_beside_gemm),

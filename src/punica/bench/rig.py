@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from punica.bench.workloads import segment_lengths
+from punica.config import ModelConfig
 from punica.engine.batch import Batch, build_batch
 from punica.engine.cuda_graph import StepGraphs
 from punica.engine.sampling_params import SamplingParams
@@ -18,9 +19,10 @@ from punica.engine.scheduler import ScheduledSeq
 from punica.engine.sequence import Sequence
 from punica.lora.pool import LoraPool
 from punica.models.arch import ModelArch
-from punica.models.llama import CausalLM, StepContext
+from punica.models.llama import CausalLM, StepContext, decode_split_of
 from punica.models.random import random_adapter, random_model
 from punica.models.rope import Rotary
+from punica.ops.attention import DecodeSplit
 
 BLOCK_SIZE = 16
 
@@ -56,6 +58,8 @@ class Rig:
     LoRA pool, with it and each shrink beside its GEMM (the engine's default), with it and each
     shrink after its GEMM."""
     lora_stream: torch.cuda.Stream | None = None
+    decode_split: DecodeSplit | None = None
+    """The engine's default DecodeSplit (on CUDA), taken by the steps it wants, graphs or not."""
 
     @classmethod
     def build(cls, arch: ModelArch, dtype: torch.dtype, device: torch.device, kv_tokens: int,
@@ -70,15 +74,19 @@ class Rig:
             pool.load(slot, adapter)
         backend = "triton" if device.type == "cuda" else "torch"
         rotary = Rotary(arch, arch.max_position_embeddings, device)
-        graphs, stream = None, None
+        graphs, stream, split = None, None, None
         if device.type == "cuda":
             max_blocks = -(-arch.max_position_embeddings // BLOCK_SIZE)
             stream = torch.cuda.Stream(device)
+            split = DecodeSplit.allocate(ModelConfig("").decode_split_tokens,
+                                         arch.max_position_embeddings, max_decode_batch,
+                                         arch.num_heads, arch.head_dim, device)
             graphs = {(use, beside): StepGraphs(model, kv, rotary, pool if use else None,
                                                 max_decode_batch, max_blocks, device,
-                                                lora_stream=stream if beside else None)
+                                                lora_stream=stream if beside else None,
+                                                decode_split=split)
                       for use, beside in ((False, False), (True, True), (True, False))}
-        return cls(arch, model, kv, pool, rotary, device, backend, graphs, stream)
+        return cls(arch, model, kv, pool, rotary, device, backend, graphs, stream, split)
 
     def weight_bytes(self) -> int:
         return weight_bytes(self.model)
@@ -115,7 +123,8 @@ class Rig:
             assert self.graphs is not None
             return self.graphs[use_lora, beside].run(batch)
         ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora if use_lora else None,
-                          self.attention_backend, self.lora_stream if beside else None)
+                          self.attention_backend, self.lora_stream if beside else None,
+                          decode_split_of(self.decode_split, batch))
         return self.model(ctx)
 
 

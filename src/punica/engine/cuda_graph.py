@@ -2,8 +2,9 @@
 chunks beside decodes) of up to MAX_MIXED_TOKENS rows.
 
 A step of T rows over B sequences runs in the graph of its key: decode-only steps (T == B) the
-graph of the smallest sequence bucket >= B, mixed steps the graph of (token bucket >= T, sequence
-bucket >= B). Inputs are copied into the graph's static buffers; the rest is padding:
+graph of the smallest sequence bucket >= B (two of them with a DecodeSplit: contexts split or
+not, as `DecodeSplit.wanted` says of the step), mixed steps the graph of (token bucket >= T,
+sequence bucket >= B). Inputs are copied into the graph's static buffers; the rest is padding:
 
 - rows T.. are token 0 at position 0, KV slot -1 (the write kernel skips it), outside every
   sequence (cu_seqlens stays at T) and every LoRA segment (segments past the real ones are empty,
@@ -28,18 +29,23 @@ import torch
 
 from punica.engine.batch import Batch
 from punica.lora.pool import LoraPool
-from punica.models.llama import CausalLM, StepContext
+from punica.models.llama import CausalLM, StepContext, decode_split_of
 from punica.models.rope import Rotary
+from punica.ops.attention import DecodeSplit
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 MAX_MIXED_TOKENS = TOKEN_BUCKETS[-1]
+
+Key = tuple[int, int, bool, bool]
+"""(token bucket, sequence bucket, decode_only, split): split only on decode-only keys."""
 
 
 @dataclass
 class _Static:
     batch: Batch
     num_logits: int
+    split: bool
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -49,8 +55,11 @@ class StepGraphs:
                  lora: LoraPool | None, max_batch: int, max_blocks: int, device: torch.device,
                  attention_backend: str = "triton", capture: bool = True,
                  max_tokens: int = MAX_MIXED_TOKENS,
-                 lora_stream: torch.cuda.Stream | None = None) -> None:
+                 lora_stream: torch.cuda.Stream | None = None,
+                 decode_split: DecodeSplit | None = None) -> None:
         self.model, self.kv_cache, self.rotary, self.lora = model, kv_cache, rotary, lora
+        self.decode_split = decode_split
+        """Its workspace must hold max_batch sequences (the split graphs' padded batches)."""
         self.lora_stream = lora_stream
         """Side stream of the LoRA shrinks (StepContext.lora_stream): forked from and joined
         back into the capturing stream inside each graph."""
@@ -59,7 +68,7 @@ class StepGraphs:
         self.max_blocks = max_blocks
         # Mixed steps: token buckets up to the rows the LoRA workspace is sized for.
         self.token_buckets = [t for t in TOKEN_BUCKETS if t <= max_tokens]
-        self._static: dict[tuple[int, int, bool], _Static] = {}
+        self._static: dict[Key, _Static] = {}
         self._pool = None
         self.capture_s = 0.0
         """Seconds spent building graphs (compiling their kernels and capturing) so far."""
@@ -67,23 +76,24 @@ class StepGraphs:
     def bucket(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
 
-    def key(self, batch: Batch) -> tuple[int, int, bool] | None:
-        """(token bucket, sequence bucket, decode_only) of a step, or None: no graph fits it."""
+    def key(self, batch: Batch) -> Key | None:
+        """The graph key of a step, or None: no graph fits it."""
         seqs = self.bucket(len(batch.seq_lens))
         if seqs is None:
             return None
         if batch.decode_only:
-            return seqs, seqs, True
+            return seqs, seqs, True, decode_split_of(self.decode_split, batch) is not None
         need = max(batch.num_tokens, seqs)
         tokens = next((t for t in self.token_buckets if t >= need), None)
-        return None if tokens is None else (tokens, seqs, False)
+        return None if tokens is None else (tokens, seqs, False, False)
 
-    def keys(self) -> list[tuple[int, int, bool]]:
-        """Every key a step can have: decode buckets, and (token, sequence) bucket pairs of
-        mixed steps (a mixed step has more rows than sequences, so its token bucket is never
-        below its sequence bucket)."""
-        decode = [(b, b, True) for b in self.buckets]
-        return decode + [(t, b, False) for t in self.token_buckets for b in self.buckets
+    def keys(self) -> list[Key]:
+        """Every key a step can have: decode buckets (split and not, with a DecodeSplit), and
+        (token, sequence) bucket pairs of mixed steps (a mixed step has more rows than
+        sequences, so its token bucket is never below its sequence bucket)."""
+        splits = (False, True) if self.decode_split is not None else (False,)
+        decode = [(b, b, True, split) for b in self.buckets for split in splits]
+        return decode + [(t, b, False, False) for t in self.token_buckets for b in self.buckets
                          if b <= t]
 
     def warmup(self) -> float:
@@ -97,8 +107,8 @@ class StepGraphs:
     def num_graphs(self) -> int:
         return len(self._static)
 
-    def _make_static(self, key: tuple[int, int, bool]) -> _Static:
-        tokens, seqs, decode_only = key
+    def _make_static(self, key: Key) -> _Static:
+        tokens, seqs, decode_only, split = key
         dev, i32, i64 = self.device, torch.int32, torch.int64
         batch = Batch(
             input_ids=torch.zeros(tokens, dtype=i64, device=dev),
@@ -112,13 +122,14 @@ class StepGraphs:
             seq_lens_t=torch.ones(seqs, dtype=i32, device=dev),
             block_tables_t=torch.zeros(seqs, self.max_blocks, dtype=i32, device=dev),
             decode_only=decode_only)
-        return _Static(batch, seqs)
+        return _Static(batch, seqs, split)
 
     def _forward(self, s: _Static) -> torch.Tensor:
         return self.model(StepContext(s.batch, self.kv_cache, self.rotary, self.lora,
-                                      self.backend, self.lora_stream))
+                                      self.backend, self.lora_stream,
+                                      self.decode_split if s.split else None))
 
-    def _prepare(self, key: tuple[int, int, bool]) -> _Static:
+    def _prepare(self, key: Key) -> _Static:
         s = self._static.get(key)
         if s is None:
             start = time.perf_counter()

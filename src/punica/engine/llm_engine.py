@@ -26,9 +26,10 @@ from punica.lora.peft import AdapterWeights
 from punica.lora.pool import LoraPool
 from punica.lora.registry import AdapterRegistry
 from punica.lora.slots import AdapterSlots
-from punica.models.llama import CausalLM, StepContext
+from punica.models.llama import CausalLM, StepContext, decode_split_of
 from punica.models.loader import load_model
 from punica.models.rope import Rotary
+from punica.ops.attention import DecodeSplit
 from punica.tokens import load_tokenizer
 
 
@@ -60,6 +61,13 @@ class LLMEngine:
         self.lora_stream = (torch.cuda.Stream(device) if self.lora_pool is not None
                             and self.lora_pool.capturable and lc.shrink_beside_gemm else None)
         """The side stream of the LoRA shrinks in step graphs (StepContext.lora_stream)."""
+        graph_batch = min(config.scheduler.max_num_seqs, max_tokens, 512)
+        a = self.arch
+        self.decode_split = DecodeSplit.allocate(
+            mc.decode_split_tokens if self.attention_backend == "triton" else 0,
+            self.max_model_len, max(graph_batch, config.scheduler.max_num_seqs), a.num_heads,
+            a.head_dim, device)
+        """Decode steps with a context longer than one split run split them (StepContext)."""
         self.kv_budget = kv_budget(cc, device) if cc.num_blocks is None else None
         """The bytes the KV pool was sized from (None: a fixed num_blocks)."""
         num_blocks = kv_blocks(self.arch, self.dtype, cc, device)
@@ -67,7 +75,6 @@ class LLMEngine:
             raise CapacityError(f"the KV cache holds {num_blocks * cc.block_size} tokens, less "
                                 f"than max_model_len {self.max_model_len}: give it more memory "
                                 "or lower max_model_len")
-        a = self.arch
         self.kv_cache = torch.zeros(a.num_layers, 2, num_blocks, cc.block_size, a.num_kv_heads,
                                     a.head_dim, dtype=self.dtype, device=device)
         self.rotary = Rotary(a, self.max_model_len, device)
@@ -83,9 +90,10 @@ class LLMEngine:
         if device.type == "cuda" and not mc.enforce_eager and self.attention_backend == "triton":
             self.graphs = StepGraphs(
                 self.model, self.kv_cache, self.rotary, self.lora_pool,
-                max_batch=min(config.scheduler.max_num_seqs, max_tokens, 512),
+                max_batch=graph_batch,
                 max_blocks=-(-self.max_model_len // cc.block_size), device=device,
-                max_tokens=max_tokens, lora_stream=self.lora_stream)
+                max_tokens=max_tokens, lora_stream=self.lora_stream,
+                decode_split=self.decode_split)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0}
         self.step_stats = StepStats()
         self._seq_ids = itertools.count()
@@ -251,7 +259,8 @@ class LLMEngine:
             # is host time, and an eager decode step with them was host-bound (21.3 ms against
             # 8.0 ms of GPU work at bs 32, benchmarks/results/step_profile.json).
             ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
-                              else None, self.attention_backend)
+                              else None, self.attention_backend,
+                              decode_split=decode_split_of(self.decode_split, batch))
             logits = self.model(ctx)
             st.eager_steps += 1
         self.scheduler.advance(out)

@@ -17,7 +17,12 @@ from punica.lora.pool import LoraPool
 from punica.models.arch import ModelArch
 from punica.models.rope import Rotary
 from punica.ops import fused
-from punica.ops.attention import paged_decode, paged_prefill, rotary_write_kv_cache
+from punica.ops.attention import (
+    DecodeSplit,
+    paged_decode,
+    paged_prefill,
+    rotary_write_kv_cache,
+)
 from punica.ops.attention_ref import paged_attention_ref, write_kv
 from punica.ops.lora import add_lora, add_lora_beside
 from punica.ops.lora_ref import add_lora_ref
@@ -36,6 +41,16 @@ class StepContext:
     lora_stream: torch.cuda.Stream | None = None
     """The side stream each LoRA shrink runs on beside its projection's GEMM (add_lora_beside);
     None: the shrink follows the GEMM on the current stream."""
+    decode_split: DecodeSplit | None = None
+    """Decode attention splits each context over several programs (DecodeSplit); None: one
+    program per sequence and KV head. The caller decides per step (DecodeSplit.wanted)."""
+
+
+def decode_split_of(split: DecodeSplit | None, batch: Batch) -> DecodeSplit | None:
+    """The DecodeSplit a step takes: `split` for a decode-only batch it wants, else None."""
+    if split is not None and batch.decode_only and split.wanted(batch.seq_lens):
+        return split
+    return None
 
 
 class RMSNorm(nn.Module):
@@ -113,7 +128,10 @@ class Attention(nn.Module):
                                   b.slot_mapping)
             out = torch.empty_like(q)
             if b.decode_only:
-                paged_decode(q, k_cache, v_cache, b.seq_lens_t, b.block_tables_t, scale, out)
+                split = ctx.decode_split
+                paged_decode(q, k_cache, v_cache, b.seq_lens_t, b.block_tables_t, scale, out,
+                             max_context=split.max_context if split else None,
+                             workspace=split.workspace if split else None)
             else:
                 paged_prefill(q, k_cache, v_cache, b.cu_seqlens_q_t, b.seq_lens_t,
                               b.block_tables_t, scale, out)

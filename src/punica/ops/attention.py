@@ -63,6 +63,42 @@ class DecodeWorkspace:
         return int(self.part_lse.shape[2])
 
 
+@dataclass(frozen=True)
+class DecodeSplit:
+    """How decode steps split their contexts: runs of `split_tokens` tokens (the last one of a
+    context shorter), one program each, merged in the kernel, over a workspace for up to
+    `max_seqs` sequences of at most `max_context` tokens. Taken by the steps where some context
+    is longer than one run (`wanted`): elsewhere every context is one run and splitting would
+    only add empty programs."""
+
+    workspace: DecodeWorkspace
+    max_context: int
+    split_tokens: int
+
+    MAX_SPLITS = 16
+    """Past this many runs per context the runs grow instead (the workspace stays small)."""
+
+    @classmethod
+    def allocate(cls, split_tokens: int, max_context: int, max_seqs: int, num_heads: int,
+                 head_dim: int, device: torch.device) -> DecodeSplit | None:
+        """None where no context can span two runs (split_tokens 0 turns splitting off)."""
+        if split_tokens <= 0 or max_context <= split_tokens or max_seqs <= 0:
+            return None
+        splits = min(cls.MAX_SPLITS, cdiv(max_context, split_tokens))
+        workspace = DecodeWorkspace.allocate(max_seqs, num_heads, head_dim, splits, device)
+        return cls(workspace, max_context, _split_length(max_context, splits, DECODE_BLOCK_N))
+
+    def wanted(self, seq_lens: list[int]) -> bool:
+        """Whether a decode step over these contexts should split them."""
+        return (0 < len(seq_lens) <= self.workspace.counters.shape[0]
+                and max(seq_lens) > self.split_tokens)
+
+
+def _split_length(max_context: int, splits: int, block_n: int) -> int:
+    """Tokens per split: max_context over `splits` runs, rounded up to whole key tiles."""
+    return cdiv(cdiv(max_context, splits), block_n) * block_n
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor) -> None:
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         expect(c.dim() == 4, name, "[num_blocks, block_size, kv_heads, head_dim]",
@@ -102,6 +138,9 @@ def _common(q: torch.Tensor, k_cache: torch.Tensor) -> dict[str, object]:
                 BLOCK_SIZE=k_cache.shape[1], PRECISION="ieee" if fp32 else "tf32",
                 DOT_FP32=fp32 or (interpreting() and q.dtype == torch.bfloat16))
 
+
+DECODE_BLOCK_N = 32
+"""Keys per tile of the decode kernel."""
 
 PREFILL_TALL_ROWS = 64
 """Mean new rows per sequence from which paged_prefill takes 64 x 64 tiles."""
@@ -229,7 +268,7 @@ def _prefill_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                  out: torch.Tensor, max_context: int | None = None,
-                 workspace: DecodeWorkspace | None = None, block_n: int = 32,
+                 workspace: DecodeWorkspace | None = None, block_n: int = DECODE_BLOCK_N,
                  merge_in_kernel: bool = True) -> torch.Tensor:
     """One query row per sequence. With `workspace` the context (at most `max_context` tokens,
     a host-side bound such as max_model_len) is split over workspace.num_splits programs."""
@@ -274,7 +313,7 @@ def _decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                f"{c.dtype} {tuple(c.shape)} strides {c.stride()} on {c.device}")
     if B == 0:
         return None, None
-    per_split = cdiv(cdiv(max_context or 1, splits), block_n) * block_n
+    per_split = _split_length(max_context or 1, splits, block_n)
     if splits == 1:
         per_split = 2**31 - 1
     part_out = workspace.part_out if workspace is not None else out

@@ -29,7 +29,8 @@ class EngineSpec:
 def engine_config(ns: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(ns.model, ns.dtype, ns.device, ns.max_model_len, ns.seed,
-                          enforce_eager=ns.enforce_eager),
+                          enforce_eager=ns.enforce_eager,
+                          decode_split_tokens=ns.decode_split_tokens),
         cache=CacheConfig(ns.block_size, ns.gpu_memory_utilization, ns.kv_cache_bytes,
                           ns.num_kv_blocks),
         lora=LoraConfig(ns.max_loras, ns.max_lora_rank, ns.max_cpu_loras,

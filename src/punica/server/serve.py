@@ -38,6 +38,9 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-kv-blocks", type=int, help="exactly this many KV blocks (default: "
                     "what --gpu-memory-utilization or --kv-cache-bytes leaves room for)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--decode-split-tokens", type=int, default=512,
+                    help="decode steps with a context longer than this split every context "
+                    "into runs of about this many tokens, one attention program each (0: never)")
     ap.add_argument("--shrink-beside-gemm", action=argparse.BooleanOptionalAction, default=True,
                     help="run each LoRA shrink on a side stream beside its base GEMM (CUDA "
                     "step graphs)")
