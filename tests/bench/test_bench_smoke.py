@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from punica.bench import report
 from punica.bench.rig import mix_slots
 from punica.cli import main
 
@@ -23,6 +24,22 @@ def test_decode_bench_smoke(tmp_path: Path) -> None:
         ("decode", "none", 4), ("prefill", "none", 1)]
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert result["commit"] and result["command"].startswith("punica bench decode")
+
+
+def test_decode_table_shows_the_baselines() -> None:
+    """The shrink-after and unsplit-attention columns: figures where a row has them, '—' where
+    it does not (no LoRA, or a step the engine does not split)."""
+    row = dict(kind="decode", mix="distinct", batch=32, context=2048, step_ms=9.0,
+               tok_s=3555.5, floor_tok_s=4000.0)
+    result = dict(device="H200", torch="t", triton="tr", commit="abc", date="d",
+                  copy_GBps=4000.0, matmul_TFLOPs=700.0, command="punica bench decode",
+                  rows=[{**row, "step_ms_shrink_after": 9.5, "step_ms_unsplit": 9.8},
+                        {**row, "mix": "none", "context": 512, "step_ms_shrink_after": None,
+                         "step_ms_unsplit": None}])
+    lines = report.decode_table(result).splitlines()
+    assert lines[2].endswith("| step ms, shrink after GEMM | step ms, unsplit attention |")
+    assert lines[4] == "| decode | distinct | 32 | 2048 | 9.00 | 3556 | 4000 | 89% | 9.50 | 9.80 |"
+    assert lines[5] == "| decode | none | 32 | 512 | 9.00 | 3556 | 4000 | 89% | — | — |"
 
 
 def test_mix_slots() -> None:

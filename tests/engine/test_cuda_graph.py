@@ -134,10 +134,12 @@ def test_split_decode_graph_equals_unsplit(device: torch.device, contexts: list[
     assert [k for k in keys if k[2]] == [(b, b, True, s) for b in (1, 2, 4, 8)
                                          for s in (False, True)]
     assert not any(k[3] for k in keys if not k[2])  # mixed steps never split
-    for _ in range(2):
-        rig.kv_cache.copy_(kv_before)
-        torch.testing.assert_close(graphs.run(batch), want, rtol=1e-4, atol=1e-4)
-        assert int(decode_split.workspace.counters.abs().sum()) == 0
+    assert graphs.key(batch, split=False)[3] is False and graphs.key(batch, split=True)[3]
+    for forced in (None, not split):  # as the DecodeSplit wants, then the other way (benchmarks)
+        for _ in range(2):
+            rig.kv_cache.copy_(kv_before)
+            torch.testing.assert_close(graphs.run(batch, forced), want, rtol=1e-4, atol=1e-4)
+            assert int(decode_split.workspace.counters.abs().sum()) == 0
 
 
 def test_decode_split_sizes_and_choice() -> None:

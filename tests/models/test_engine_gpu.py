@@ -103,6 +103,25 @@ def test_shrink_beside_gemm_matches_shrink_after(family: tuple[Path, dict[str, P
     assert tokens[True] == tokens[False]
 
 
+def test_split_decode_matches_unsplit(family: tuple[Path, dict[str, Path]]) -> None:
+    """With decode_split_tokens 32, decode steps whose contexts pass 32 tokens replay the split
+    graphs (contexts split in two runs merged in the kernel): the greedy tokens of the engine
+    that never splits."""
+    base, adapters = family
+    reqs = [(p, a, 30 + m) for p, a, m in requests_for(384)]  # contexts up to max_model_len 48
+    tokens = {}
+    for split_tokens in (32, 0):
+        llm = make_llm(base, adapters, "float32", decode_split_tokens=split_tokens)
+        assert (llm.engine.decode_split is not None) == (split_tokens > 0)
+        outs = llm.generate([p for p, _, _ in reqs],
+                            [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m in reqs],
+                            lora=[a for _, a, _ in reqs], use_tqdm=False)
+        tokens[split_tokens] = [o.token_ids for o in outs]
+        used_split = any(key[3] for key in llm.engine.graphs._static)
+        assert used_split == (split_tokens > 0)
+    assert tokens[32] == tokens[0]
+
+
 def test_kv_pool_sized_from_free_memory_and_reclaimed_after_free(
         family: tuple[Path, dict[str, Path]]) -> None:
     base, adapters = family

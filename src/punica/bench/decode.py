@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from punica.bench.rig import Rig, copy_GBps, matmul_TFLOPs, median_ms, mix_slots
 from punica.bench.timing import run_info
+from punica.models.llama import decode_split_of
 from punica.models.random import llama2_7b, tiny
 
 
@@ -31,12 +32,16 @@ def decode_row(rig: Rig, batch: int, context: int, mix: str, rank: int, copy_gbp
     # the named baseline, same process: each LoRA shrink after its GEMM, not beside it
     after_ms = (median_ms(lambda: rig.step(b, True, beside=False), rig.device, reps)
                 if mix != "none" else None)
+    # and where the engine splits the contexts over the KV length: the unsplit attention
+    unsplit_ms = (median_ms(lambda: rig.step(b, mix != "none", split=False), rig.device, reps)
+                  if decode_split_of(rig.decode_split, b) is not None else None)
     adapters = len(set(slots) - {-1})
     moved = (rig.weight_bytes() + adapters * rig.adapter_bytes(rank)
              + batch * context * rig.kv_bytes_per_token())
     floor_ms = moved / (copy_gbps * 1e9) * 1e3
     return {"kind": "decode", "mix": mix, "batch": batch, "context": context, "step_ms": ms,
             "tok_s": batch / (ms * 1e-3), "step_ms_shrink_after": after_ms,
+            "step_ms_unsplit": unsplit_ms,
             "floor_ms": floor_ms, "floor_tok_s": batch / (floor_ms * 1e-3), "bytes": moved}
 
 

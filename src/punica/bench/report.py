@@ -47,19 +47,20 @@ def decode_table(result: dict) -> str:
             f"{result['copy_GBps'] / 1e3:.2f} TB/s, fp16 matmul {result['matmul_TFLOPs']:.0f} "
             f"TFLOP/s. Command: `{result['command']}`.\n\n"
             "| kind | mix | batch | context | step ms | tok/s | floor tok/s | % of floor | "
-            "step ms, shrink after GEMM |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+            "step ms, shrink after GEMM | step ms, unsplit attention |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in result["rows"]:
         if "skipped" in r:
             lines.append(f"| {r['kind']} | {r['mix']} | {r['batch']} | {r['context']} | "
-                         f"skipped: {r['skipped']} | | | | |")
+                         f"skipped: {r['skipped']} | | | | | |")
             continue
-        after = r.get("step_ms_shrink_after")
+        after, unsplit = r.get("step_ms_shrink_after"), r.get("step_ms_unsplit")
         lines.append(f"| {r['kind']} | {r['mix']} | {r['batch']} | {r['context']} | "
                      f"{r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['floor_tok_s']:.0f} | "
                      f"{100 * r['tok_s'] / r['floor_tok_s']:.0f}% | "
-                     f"{'—' if after is None else f'{after:.2f}'} |")
+                     f"{'—' if after is None else f'{after:.2f}'} | "
+                     f"{'—' if unsplit is None else f'{unsplit:.2f}'} |")
     return head + "\n".join(lines) + "\n"
 
 

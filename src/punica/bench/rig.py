@@ -112,19 +112,22 @@ class Rig:
         return build_batch(scheduled, tables, BLOCK_SIZE, self.device)
 
     def step(self, batch: Batch, use_lora: bool, use_graphs: bool = True,
-             beside: bool | None = None) -> torch.Tensor:
+             beside: bool | None = None, split: bool | None = None) -> torch.Tensor:
         """Logits of one step: decode-only batches replay a CUDA graph (on CUDA, unless
         use_graphs is False), others run eagerly; beside: each LoRA shrink on the side stream
         beside its GEMM (on CUDA), else after it; None: as the engine does (beside in graphs,
-        after in eager steps)."""
+        after in eager steps); split: the decode attention split over the KV length, None as the
+        engine does (DecodeSplit.wanted), False never, True whenever the rig has a DecodeSplit."""
         graphs = use_graphs and self.graphs is not None and batch.decode_only
         beside = use_lora and (graphs if beside is None else beside)
         if graphs:
             assert self.graphs is not None
-            return self.graphs[use_lora, beside].run(batch)
+            return self.graphs[use_lora, beside].run(batch, split)
+        decode_split = decode_split_of(self.decode_split, batch) if split is None else (
+            self.decode_split if split and batch.decode_only else None)
         ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora if use_lora else None,
                           self.attention_backend, self.lora_stream if beside else None,
-                          decode_split_of(self.decode_split, batch))
+                          decode_split)
         return self.model(ctx)
 
 

@@ -76,13 +76,16 @@ class StepGraphs:
     def bucket(self, batch_size: int) -> int | None:
         return next((b for b in self.buckets if b >= batch_size), None)
 
-    def key(self, batch: Batch) -> Key | None:
-        """The graph key of a step, or None: no graph fits it."""
+    def key(self, batch: Batch, split: bool | None = None) -> Key | None:
+        """The graph key of a step, or None: no graph fits it. split: None, as the DecodeSplit
+        wants; False, never; True, whenever there is one (benchmarks time both)."""
         seqs = self.bucket(len(batch.seq_lens))
         if seqs is None:
             return None
         if batch.decode_only:
-            return seqs, seqs, True, decode_split_of(self.decode_split, batch) is not None
+            if split is None:
+                split = decode_split_of(self.decode_split, batch) is not None
+            return seqs, seqs, True, split and self.decode_split is not None
         need = max(batch.num_tokens, seqs)
         tokens = next((t for t in self.token_buckets if t >= need), None)
         return None if tokens is None else (tokens, seqs, False, False)
@@ -145,9 +148,10 @@ class StepGraphs:
             self.capture_s += time.perf_counter() - start
         return s
 
-    def run(self, batch: Batch) -> torch.Tensor:
-        """Logits [N, vocab] of the step's sampled rows (N = batch.logits_rows.numel())."""
-        key = self.key(batch)
+    def run(self, batch: Batch, split: bool | None = None) -> torch.Tensor:
+        """Logits [N, vocab] of the step's sampled rows (N = batch.logits_rows.numel()); split
+        as in `key`."""
+        key = self.key(batch, split)
         if key is None:
             raise ValueError(f"batch: expected a decode-only batch of <= {self.buckets[-1]} "
                              "sequences or a mixed one within the token buckets "

@@ -222,7 +222,9 @@ def paged_decode_kernel(
                             BLOCK_N, BLOCK_SIZE, False, PRECISION, DOT_FP32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
-    active = tl.maximum(tl.cdiv(ctx, tokens_per_split), 1)  # splits holding context tokens
+    # splits holding context tokens (a context past NUM_SPLITS runs, outside the contract, is
+    # cut there rather than leaving a merge waiting for programs that do not exist)
+    active = tl.minimum(tl.maximum(tl.cdiv(ctx, tokens_per_split), 1), NUM_SPLITS)
     if NUM_SPLITS == 1:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_q)
     elif not MERGE_IN_KERNEL:  # every split, empty ones too (lse -inf: weight 0 in the reduce)
