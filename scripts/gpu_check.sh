@@ -4,6 +4,8 @@
 #        decode_split profile textgen_profile serve cluster mg_scale1 mg_scale2 mg_ramp mg_migrate"] [TESTS="tests/ops -k row"] \
 #        [TEXTGEN_ARGS="--num-requests 200"] bash scripts/gpu_check.sh
 # Extra arguments go to the lora_op benchmark (e.g. --sweep).
+# The script packs $OUT into $OUT/gpu_out.tgz itself (PACK=0: leave the files): a device call must
+# not archive $OUT again after it (an archive written inside $OUT overwrote this one, empty).
 # Steps serve, cluster and mg_* need the wheels of scripts/device_wheels.sh carried (.whl; cluster
 # and mg_* also .rayslim); mg_* need two GPUs (see multigpu() below). SERVE_ARGS / CLUSTER_ARGS
 # go to the server, SERVE_MODEL (default random:llama2-7b), SERVE_RATE, SERVE_REQUESTS,

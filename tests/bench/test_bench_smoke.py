@@ -52,10 +52,13 @@ def test_mix_slots() -> None:
 def test_textgen_without_the_lora_off_baseline(tmp_path: Path) -> None:
     rc = main(["bench", "textgen", "--arch", "tiny", "--device", "cpu", "--num-requests", "3",
                "--maxlen", "32", "--mixes", "skewed", "--caps", "2", "--hf-requests", "0",
-               "--no-lora-off-baseline", "--kv-cache-gb", "0.01", "--out-dir", str(tmp_path)])
+               "--no-lora-off-baseline", "--kv-cache-gb", "0.01", "--decode-split-tokens", "0",
+               "--out-dir", str(tmp_path)])
     assert rc == 0
-    rows = json.loads((tmp_path / "textgen.json").read_text())["rows"]
+    result = json.loads((tmp_path / "textgen.json").read_text())
+    rows = result["rows"]
     assert [(r["engine"], r["mix"], r["requests"]) for r in rows] == [("punica", "skewed", 3)]
+    assert result["decode_split_tokens"] == 0
 
 
 def test_textgen_bench_smoke(tmp_path: Path) -> None:

@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                     help="the engine schedules step k+1 while step k runs")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV pool size on the CPU")
+    ap.add_argument("--decode-split-tokens", type=int, default=ModelConfig("").decode_split_tokens,
+                    help="the engine's decode attention split (0: never split)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "textgen.json").write_text(json.dumps(
             {**info, "arch": args.arch, "num_requests": args.num_requests,
              "async_scheduling": args.async_scheduling,
+             "decode_split_tokens": args.decode_split_tokens,
              "maxlen": args.maxlen, "rows": rows}, indent=1))
 
     if args.hf_requests:
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     for cap in [int(c) for c in args.caps.split(",")]:
         engine = LLMEngine(EngineConfig(
-            model=ModelConfig("<random weights>", device=str(device), max_model_len=args.maxlen),
+            model=ModelConfig("<random weights>", device=str(device), max_model_len=args.maxlen,
+                              decode_split_tokens=args.decode_split_tokens),
             cache=CacheConfig(kv_cache_bytes=int(args.kv_cache_gb * 2**30)),
             lora=LoraConfig(max_loras=min(args.max_loras, args.num_requests),
                             max_lora_rank=args.rank),
