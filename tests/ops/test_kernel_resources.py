@@ -57,3 +57,29 @@ def test_default_launches_do_not_spill(rows: list[dict[str, object]]) -> None:
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert spilled == []
     assert all(0 < int(r["registers"]) <= 255 for r in rows)
+
+
+def test_decode_attention_launches_do_not_spill() -> None:
+    """paged_decode unsplit, split with the in-kernel merge (atomics, GPU fence, early return)
+    and split with the reduce kernel, at LLaMA-7B's and a GQA shape: each compiles for sm_90
+    without spills."""
+    code = (
+        "import json, torch\n"
+        "from dataclasses import asdict\n"
+        "from punica.ops.resources import paged_decode_resources\n"
+        "for heads, kv in ((32, 32), (32, 8)):\n"
+        "    for splits, merge in ((1, True), (4, True), (4, False)):\n"
+        "        for r in paged_decode_resources(32, heads, kv, 128, splits, merge, "
+        "torch.float16):\n"
+        "            print(json.dumps(asdict(r)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    kernels = [(r["kernel"], r["constexprs"]["NUM_SPLITS"], r["constexprs"].get("MERGE_IN_KERNEL"))
+               for r in rows]
+    assert kernels == 2 * [("paged_decode_kernel", 1, False), ("paged_decode_kernel", 4, True),
+                           ("paged_decode_kernel", 4, False), ("decode_reduce_kernel", 4, None)]
+    assert all(r["constexprs"].get("FENCE", True) for r in rows)
+    assert [r for r in rows if r["spill_stores"] or r["spill_loads"]] == []
+    assert all(0 < int(r["registers"]) <= 255 for r in rows)

@@ -329,7 +329,8 @@ def _decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
          part_lse.stride(0) if split else 0, part_lse.stride(1) if split else 0,
          workspace.counters.stride(0) if split else 0),
         dict(GROUP=group, GROUP_P2=max(16, next_power_of_2(group)), BLOCK_N=block_n,
-             NUM_SPLITS=splits, MERGE_IN_KERNEL=merge_in_kernel and split, **common), {})
+             NUM_SPLITS=splits, MERGE_IN_KERNEL=merge_in_kernel and split,
+             FENCE=not interpreting(), **common), {})
     if not split or merge_in_kernel:
         return attend, None
     merge = KernelLaunch(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from punica.ops.lora_kernels import fence_gpu
 from punica.ops.tiles import locate_tile
 
 
@@ -194,7 +195,8 @@ def paged_decode_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_nb,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    MERGE_IN_KERNEL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr, FENCE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """One sequence's query heads of one KV head, over one split of its context."""
     b = tl.program_id(0)
@@ -236,8 +238,11 @@ def paged_decode_kernel(
     elif split < active:
         _store_partial(out, m_i, l_i, part_out_ptr, part_lse_ptr, b, split, heads, mask_g, d,
                        mask_q, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
-        # every thread's partial stores precede the release of the counter increment; the
-        # program that sees active - 1 finished before it merges, then resets the counter
+        # every thread's partial stores are fenced GPU-wide (FENCE: off in the interpreter) and
+        # precede the counter increment; the program that sees active - 1 finished before it
+        # merges, then resets the counter (the SGMV shrink's reduce does the same)
+        if FENCE:
+            fence_gpu()
         tl.debug_barrier()
         counter = counters_ptr + b.to(tl.int64) * stride_nb + kv_head
         done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")

@@ -44,7 +44,7 @@ from punica.ops.tiles import locate_tile
 
 
 @triton.jit
-def _fence_gpu():
+def fence_gpu():
     """fence.acq_rel.gpu in every thread: its earlier global writes are visible GPU-wide."""
     tl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=tl.int32,
                               is_pure=False, pack=1)
@@ -60,7 +60,7 @@ def _reduce_splits(v_ptr, vout_ptr, counter_ptr, rows64, offs_r, mask, stride_vs
     counters are all 0 again for the next launch (the workspace is allocated zeroed).
     """
     if FENCE:
-        _fence_gpu()
+        fence_gpu()
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == NUM_SPLITS - 1:

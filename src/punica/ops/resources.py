@@ -147,6 +147,27 @@ def add_lora_resources(batch: int, mix: str, rank: int, in_features: int, out_fe
         return list(found.values())
 
 
+def paged_decode_resources(batch: int, heads: int, kv_heads: int, head_dim: int, splits: int,
+                           merge_in_kernel: bool, dtype: torch.dtype,
+                           max_context: int = 2048) -> list[Resources]:
+    """Resources of the kernels `paged_decode` launches for `batch` sequences (a split workspace
+    of `splits` runs when splits > 1, merged in the kernel or by the reduce kernel)."""
+    from punica.ops import attention
+    from punica.ops.attention_kernels import decode_reduce_kernel, paged_decode_kernel
+
+    q = torch.zeros(batch, heads, head_dim, dtype=dtype)
+    cache = torch.zeros(8, 16, kv_heads, head_dim, dtype=dtype)
+    seq_lens = torch.ones(batch, dtype=torch.int32)
+    tables = torch.zeros(batch, max_context // 16, dtype=torch.int32)
+    workspace = (attention.DecodeWorkspace.allocate(batch, heads, head_dim, splits,
+                                                    torch.device("cpu")) if splits > 1 else None)
+    with sm90_resources([paged_decode_kernel, decode_reduce_kernel]) as found:
+        attention.paged_decode(q, cache, cache, seq_lens, tables, head_dim**-0.5,
+                               torch.empty_like(q), max_context=max_context, workspace=workspace,
+                               merge_in_kernel=merge_in_kernel)
+        return list(found.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m punica.ops.resources [--ranks 8,16,32,64,128] [--batches 1,8,32,64,128]
     [--mixes distinct,identical] [--in 4096] [--out 11008] [--json]: a row per (shape, kernel),
