@@ -42,6 +42,22 @@ def test_decode_table_shows_the_baselines() -> None:
     assert lines[5] == "| decode | none | 32 | 512 | 9.00 | 3556 | 4000 | 89% | — | — |"
 
 
+def test_textgen_plot(tmp_path: Path) -> None:
+    """The textgen bars: one group per cap in the run's order, HF + PEFT apart; the plot is a
+    PNG file."""
+    result = dict(device="H200", commit="abcdef0123", num_requests=4, rows=[
+        dict(engine="hf+peft", mix="distinct", cap=4, tok_s=20.0),
+        dict(engine="punica", mix="distinct", cap=32, tok_s=2000.0, floor_tok_s=3000.0),
+        dict(engine="punica", mix="no-lora", cap=32, tok_s=2500.0, floor_tok_s=3100.0),
+        dict(engine="punica", mix="distinct", cap=0, tok_s=3000.0, floor_tok_s=4000.0)])
+    assert report.textgen_bars(result) == {
+        "hf+peft": [("distinct", 20.0, None)],
+        "32": [("distinct", 2000.0, 3000.0), ("no-lora", 2500.0, 3100.0)],
+        "none": [("distinct", 3000.0, 4000.0)]}
+    report.plot_textgen(result, tmp_path / "textgen.png")
+    assert (tmp_path / "textgen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_mix_slots() -> None:
     assert mix_slots("distinct", 3) == [0, 1, 2]
     assert mix_slots("identical", 3) == [0, 0, 0]

@@ -169,13 +169,56 @@ def plot_decode(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def textgen_bars(result: dict) -> dict[str, list[tuple[str, float, float | None]]]:
+    """Per cap ("32", "none"): (mix, tok/s, floor tok/s or None) of each punica row, in the
+    run's order, and the HF + PEFT rows under "hf+peft"."""
+    bars: dict[str, list[tuple[str, float, float | None]]] = {}
+    for r in result["rows"]:
+        key = "hf+peft" if r["engine"] != "punica" else ("none" if r["cap"] == 0
+                                                          else str(r["cap"]))
+        bars.setdefault(key, []).append((r["mix"], r["tok_s"], r.get("floor_tok_s")))
+    return bars
+
+
+def plot_textgen(result: dict, path: Path) -> None:
+    """Bars of tok/s per mix for each batch cap, each beside its floor, HF + PEFT beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = textgen_bars(result)
+    caps = [k for k in bars if k != "hf+peft"]
+    fig, axes = plt.subplots(1, len(caps), figsize=(6 * len(caps), 4.5), squeeze=False)
+    hf = bars.get("hf+peft", [])
+    for ax, cap in zip(axes[0], caps, strict=True):
+        rows = bars[cap] + [(f"hf+peft ({m})", t, None) for m, t, _ in hf]
+        xs = list(range(len(rows)))
+        measured = ax.bar([x - 0.2 for x in xs], [t for _, t, _ in rows], width=0.4,
+                          label="tok/s")
+        ax.bar_label(measured, fmt="%.0f", fontsize=7)
+        ax.bar([x + 0.2 for x in xs], [f or 0.0 for _, _, f in rows], width=0.4,
+               label="floor tok/s", alpha=0.5)
+        ax.set_xticks(xs, [m for m, _, _ in rows], rotation=30, ha="right")
+        ax.set_title(f"batch cap {cap}")
+        ax.set_ylabel("(prompt + output) tokens / s")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"text generation, {result['num_requests']} requests, {result['device']} "
+                 f"(commit {result['commit'][:8]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="benchmarks/results")
     args = ap.parse_args(argv)
     results_dir = Path(args.results)
     update_results_md(results_dir)
-    for name, plot in (("lora_op", plot_lora_op), ("decode", plot_decode)):
+    for name, plot in (("lora_op", plot_lora_op), ("decode", plot_decode),
+                       ("textgen", plot_textgen)):
         path = results_dir / f"{name}.json"
         if path.exists():
             plot(json.loads(path.read_text()), results_dir / f"{name}.png")
