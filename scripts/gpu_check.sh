@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; logs and JSON go to $OUT (default ./gpu_out).
-# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op slices decode textgen row_probe group_probe \
+# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op slices decode textgen row_probe \
 #        decode_split profile textgen_profile serve cluster mg_scale1 mg_scale2 mg_ramp mg_migrate"] [TESTS="tests/ops -k row"] \
 #        [TEXTGEN_ARGS="--num-requests 200"] bash scripts/gpu_check.sh
 # Extra arguments go to the lora_op benchmark (e.g. --sweep).
@@ -156,7 +156,6 @@ for step in $STEPS; do
            python3 -m pytest -q -p no:warnings -p no:cacheprovider ${TESTS:-tests} 2>&1 \
              | tee "$OUT/tests.log" | tail -40 | tee "$OUT/tests_tail.log" ;;
     row_probe) python3 scripts/row_probe.py "$OUT" 2>&1 | tee "$OUT/row_probe.log" ;;
-    group_probe) python3 scripts/group_probe.py "$OUT" 2>&1 | tee "$OUT/group_probe.log" ;;
     decode_split) python3 scripts/decode_split_probe.py "$OUT" 2>&1 \
                     | tee "$OUT/decode_split_probe.log" ;;
     profile) python3 scripts/step_profile.py "$OUT" 2>&1 | grep -v '^USDT' \

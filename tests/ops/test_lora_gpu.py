@@ -40,29 +40,6 @@ def test_model_sizes(dtype: torch.dtype, shape: tuple[int, int], bs: int) -> Non
     assert_matches(p, *run_kernels(p))
 
 
-# Row-group launches that compile for sm_90 without spills (python -m punica.ops.resources):
-# (rows, shrink K step, expand columns, expand warps)
-GROUPS = ((2, 256, 512, 4), (4, 64, 256, 4), (4, 128, 1024, 8), (8, 32, 256, 8), (8, 64, 512, 4))
-
-
-@pytest.mark.parametrize("prefetch", (True, False))
-@pytest.mark.parametrize("group", GROUPS, ids=lambda g: "x".join(map(str, g)))
-@pytest.mark.parametrize("mix", ("uniform", "skewed", "identical", "pair"))
-@pytest.mark.parametrize("bs", (16, 64, 133))
-def test_group_kernels_at_model_size(bs: int, mix: str, group: tuple[int, int, int, int],
-                                     prefetch: bool) -> None:
-    """The row-group pair at the 4096 -> 11008 shape, mixed ranks up to 16 (the rank tiles the
-    row kernels serve), fp16, PDL on between the two launches."""
-    rows, block_k, block_n, warps = group
-    gen = torch.Generator().manual_seed(seed_of("group-gpu", bs, mix, group, prefetch))
-    p = problem_for_mix(gen, torch.device("cuda"), torch.float16, mix, bs, 4096, 11008,
-                        max_rank=16)
-    shrink = lora.ShrinkConfig(block_m=rows, block_r=16, block_k=block_k, num_splits=4)
-    expand = lora.ExpandConfig(block_m=rows, block_n=block_n, block_r=16, tiles_per_program=2,
-                               num_warps=warps, prefetch=prefetch, use_pdl=None)
-    assert_matches(p, *run_kernels(p, shrink, expand))
-
-
 @pytest.mark.parametrize("lengths", ([1, 511], [300, 700, 24], [2048], [5, 1000, 3, 16, 1]))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
 def test_prefill_segments(dtype: torch.dtype, lengths: list[int]) -> None:

@@ -61,7 +61,6 @@ class ShrinkConfig:
 
     block_m: int
     """Rows per tile: 1 = the row kernel (one row per program, CUDA cores: decode batches);
-    2, 4 or 8 = the row-group kernel (that many rows of one segment per program, CUDA cores);
     a power of two >= 16 = the tile kernel (tensor-core dot)."""
     block_r: int
     """Rank columns per program; rank tiles past a slot's rank exit at once."""
@@ -86,8 +85,7 @@ class ExpandConfig:
     """Launch parameters of the expand kernel."""
 
     block_m: int
-    """Rows per tile: 1 = the row kernel, 2, 4 or 8 = the row-group kernel, a power of two
-    >= 16 = the tile kernel."""
+    """Rows per tile: 1 = the row kernel, a power of two >= 16 = the tile kernel."""
     block_n: int
     """Output features per program."""
     block_r: int = 16
@@ -100,17 +98,15 @@ class ExpandConfig:
     """Overlap launch and tile lookup with the previous kernel: valid only right after
     sgmv_shrink (add_lora turns it on there). None = on where supported."""
     prefetch: bool = True
-    """Row and row-group kernels only: load B and y ahead (before the PDL wait, the next tile
-    in the loop)."""
+    """Row kernel only: load B and y ahead (before the PDL wait, the next tile in the loop)."""
 
     def __post_init__(self) -> None:
         _check_blocks(self.block_m, self.block_r)
 
 
 def _check_blocks(block_m: int, block_r: int) -> None:
-    if block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"block_m: expected a power of two (1: row kernel, 2-8: row-group "
-                         f"kernel, >= 16: tile kernel), got {block_m}")
+    if block_m != 1 and (block_m < 16 or block_m & (block_m - 1)):
+        raise ValueError(f"block_m: expected 1 or a power of two >= 16, got {block_m}")
     if block_r < 16 or block_r & (block_r - 1):
         raise ValueError(f"block_r: expected a power of two >= 16, got {block_r}")
 

@@ -26,7 +26,6 @@ from punica.ops.lora_config import (
     workspace_numel,
     workspace_views,
 )
-from punica.ops.lora_group_kernels import sgmv_expand_group_kernel, sgmv_shrink_group_kernel
 from punica.ops.lora_kernels import sgmv_expand_kernel, sgmv_shrink_kernel
 from punica.ops.lora_row_kernels import sgmv_expand_rows_kernel, sgmv_shrink_rows_kernel
 from punica.ops.tiles import block_s, grid_rows
@@ -130,10 +129,7 @@ def shrink_plan(x: torch.Tensor, A_pool: torch.Tensor, indptr: torch.Tensor,
         USE_PDL=pdl, REDUCE=config.reduce, NUM_SPLITS=config.num_splits,
         FENCE=not chk.interpreting())
     kernel = sgmv_shrink_rows_kernel
-    if 1 < config.block_m < 16:
-        kernel = sgmv_shrink_group_kernel
-        flags.update(ROWS=config.block_m)
-    elif config.block_m >= 16:
+    if config.block_m != 1:
         kernel = sgmv_shrink_kernel
         # Triton's CPU interpreter multiplies bf16 tiles as raw uint16 bits in tl.dot: upcast.
         flags.update(BLOCK_M=config.block_m, PRECISION=_precision(x.dtype),
@@ -180,11 +176,8 @@ def expand_plan(v: torch.Tensor, B_pool: torch.Tensor, indptr: torch.Tensor,
         NUM_SPLITS=v.shape[0], BLOCK_N=config.block_n, BLOCK_R=config.block_r,
         BLOCK_S=block_s(num_segments), USE_PDL=pdl)
     kernel = sgmv_expand_rows_kernel
-    if config.block_m < 16:
+    if config.block_m == 1:
         flags.update(PREFETCH=config.prefetch, EARLY_Y=early_y)
-        if config.block_m > 1:
-            kernel = sgmv_expand_group_kernel
-            flags.update(ROWS=config.block_m)
     else:
         kernel = sgmv_expand_kernel
         flags.update(BLOCK_M=config.block_m, PRECISION=_precision(y.dtype))

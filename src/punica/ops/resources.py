@@ -34,7 +34,6 @@ from triton.runtime.jit import JITFunction
 from punica.ops import lora_plan
 from punica.ops.launch_stub import NullKernel, null_launches
 from punica.ops.lora_config import ExpandConfig, ShrinkConfig, workspace_numel
-from punica.ops.lora_group_kernels import sgmv_expand_group_kernel, sgmv_shrink_group_kernel
 from punica.ops.lora_kernels import sgmv_expand_kernel, sgmv_shrink_kernel
 from punica.ops.lora_row_kernels import sgmv_expand_rows_kernel, sgmv_shrink_rows_kernel
 
@@ -133,8 +132,8 @@ def add_lora_resources(batch: int, mix: str, rank: int, in_features: int, out_fe
     table = (num_slices, adapters) if slices else (adapters,)
     ranks, scales = torch.full(table, rank, **i32), torch.ones(table)
     workspace = torch.zeros(workspace_numel(batch, rank, num_slices))
-    kernels = [sgmv_shrink_rows_kernel, sgmv_expand_rows_kernel, sgmv_shrink_group_kernel,
-               sgmv_expand_group_kernel, sgmv_shrink_kernel, sgmv_expand_kernel]
+    kernels = [sgmv_shrink_rows_kernel, sgmv_expand_rows_kernel, sgmv_shrink_kernel,
+               sgmv_expand_kernel]
     with (mock.patch.object(lora_plan, "_use_pdl", lambda flag, device: flag is not False),
           sm90_resources(kernels) as found):
         plan = lora_plan.add_lora_plan(y, x, A, B, indptr, slots, ranks, scales, workspace,
