@@ -69,12 +69,14 @@ def test_textgen_without_the_lora_off_baseline(tmp_path: Path) -> None:
     rc = main(["bench", "textgen", "--arch", "tiny", "--device", "cpu", "--num-requests", "3",
                "--maxlen", "32", "--mixes", "skewed", "--caps", "2", "--hf-requests", "0",
                "--no-lora-off-baseline", "--kv-cache-gb", "0.01", "--decode-split-tokens", "0",
+               "--no-rehearsal",
                "--out-dir", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "textgen.json").read_text())
     rows = result["rows"]
     assert [(r["engine"], r["mix"], r["requests"]) for r in rows] == [("punica", "skewed", 3)]
     assert result["decode_split_tokens"] == 0
+    assert rows[0]["rehearsal_s"] is None
 
 
 def test_textgen_bench_smoke(tmp_path: Path) -> None:
@@ -97,6 +99,7 @@ def test_textgen_bench_smoke(tmp_path: Path) -> None:
         s = r["step_stats"]
         assert s["steps"] == s["eager_steps"] > 0 and s["graph_steps"] == 0
         assert r["warmup_s"] == 0.0 and r["graphs"] == 0
+        assert r["rehearsal_s"] > 0  # untimed: its steps are not in the breakdown below
         # the floor replays the synchronous schedule; the engine's async steps add at most one
         # ride-along step per request (launched before that request's last token was seen)
         assert r["replay_steps"] <= s["steps"] <= r["replay_steps"] + 6 and r["floor_tok_s"] > 0
