@@ -67,8 +67,8 @@ def test_textgen_table_renders_breakdown_and_floor() -> None:
                    "output_tok_s": 10.0, "wall_s": 3.0},
                   {"engine": "punica", "mix": "distinct", "cap": 0, "tok_s": 1800.0,
                    "output_tok_s": 1750.0, "wall_s": 4.0, "floor_tok_s": 3600.0,
-                   "step_stats": stats}]}
+                   "step_stats": stats, "rehearsal_s": 1.25}]}
     table = textgen_table(result)
-    assert "| hf+peft | distinct | 2 | 20 | 10 | 3.0 | — | — | — | — |" in table
+    assert "| hf+peft | distinct | 2 | 20 | 10 | 3.0 | — | — | — | — | — |" in table
     assert ("| punica | distinct | none | 1800 | 1750 | 4.0 | 3600 | 50% | "
-            "0.50 / 0.25 / 8.00 / 0.12 | 10 (1) |") in table
+            "0.50 / 0.25 / 8.00 / 0.12 | 10 (1) | 1.2 |") in table

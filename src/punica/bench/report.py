@@ -69,8 +69,9 @@ def textgen_table(result: dict) -> str:
             f"`{result['commit'][:12]}`, {result['date']}; {result['num_requests']} requests, "
             f"maxlen {result['maxlen']}. Command: `{result['command']}`.\n\n"
             "| engine | mix | cap | tok/s | output tok/s | wall s | floor tok/s | % of floor | "
-            "ms per step: schedule / forward / sample+wait / finish | steps (eager) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            "ms per step: schedule / forward / sample+wait / finish | steps (eager) | "
+            "untimed rehearsal s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in result["rows"]:
         s = r.get("step_stats")
@@ -80,9 +81,10 @@ def textgen_table(result: dict) -> str:
         floor = f"{r['floor_tok_s']:.0f}" if "floor_tok_s" in r else "—"
         share = f"{100 * r['tok_s'] / r['floor_tok_s']:.0f}%" if "floor_tok_s" in r else "—"
         cap = "none" if r["cap"] == 0 else r["cap"]
+        rehearsal = f"{r['rehearsal_s']:.1f}" if r.get("rehearsal_s") is not None else "—"
         lines.append(f"| {r['engine']} | {r['mix']} | {cap} | {r['tok_s']:.0f} | "
                      f"{r['output_tok_s']:.0f} | {r['wall_s']:.1f} | {floor} | {share} | "
-                     f"{steps} | {count} |")
+                     f"{steps} | {count} | {rehearsal} |")
     return head + "\n".join(lines) + "\n"
 
 
