@@ -108,6 +108,16 @@ def update_results_md(results_dir: Path) -> None:
     md_path.write_text(text)
 
 
+def _save(fig: object, path: Path, title: str) -> None:
+    """Title, lay out, write and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_lora_op(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -132,10 +142,7 @@ def plot_lora_op(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("µs per op (4096 → r → 11008, fp16)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"SGMV LoRA op on {result['device']} (commit {result['commit'][:8]})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, f"SGMV LoRA op on {result['device']} (commit {result['commit'][:8]})")
 
 
 def plot_decode(result: dict, path: Path) -> None:
@@ -164,11 +171,8 @@ def plot_decode(result: dict, path: Path) -> None:
         ax.set_ylabel("tokens / s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"7B-shape decode steps, rank 16 on 7 projections, {result['device']} "
-                 f"(commit {result['commit'][:8]})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, f"7B-shape decode steps, rank 16 on 7 projections, {result['device']} "
+                     f"(commit {result['commit'][:8]})")
 
 
 def textgen_bars(result: dict) -> dict[str, list[tuple[str, float, float | None]]]:
@@ -206,11 +210,8 @@ def plot_textgen(result: dict, path: Path) -> None:
         ax.set_ylabel("(prompt + output) tokens / s")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"text generation, {result['num_requests']} requests, {result['device']} "
-                 f"(commit {result['commit'][:8]})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, f"text generation, {result['num_requests']} requests, {result['device']} "
+                     f"(commit {result['commit'][:8]})")
 
 
 def main(argv: list[str] | None = None) -> int:
