@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from punica.config import ModelConfig
+
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", help="Hugging Face model directory (default: the built-in demo); "
@@ -38,7 +40,8 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-kv-blocks", type=int, help="exactly this many KV blocks (default: "
                     "what --gpu-memory-utilization or --kv-cache-bytes leaves room for)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--decode-split-tokens", type=int, default=512,
+    ap.add_argument("--decode-split-tokens", type=int,
+                    default=ModelConfig("").decode_split_tokens,
                     help="decode steps with a context longer than this split every context "
                     "into runs of about this many tokens, one attention program each (0: never)")
     ap.add_argument("--shrink-beside-gemm", action=argparse.BooleanOptionalAction, default=True,
