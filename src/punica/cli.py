@@ -40,14 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="its own flags (see NAME --help)")
     ns = ap.parse_args(argv)
-    if ns.command == "serve":
-        from punica.server.serve import serve as run_server
+    if ns.command in ("serve", "cluster"):
+        from punica.errors import PunicaError
 
-        return run_server(ns)
-    if ns.command == "cluster":
-        from punica.cluster.deploy import run_cluster
+        try:
+            if ns.command == "serve":
+                from punica.server.serve import serve as run_server
 
-        return run_cluster(ns)
+                return run_server(ns)
+            from punica.cluster.deploy import run_cluster
+
+            return run_cluster(ns)
+        except (PunicaError, ValueError, OSError) as err:  # bad flags or files: one line
+            import logging
+
+            logging.getLogger("punica").debug("start failed", exc_info=err)
+            print(f"punica {ns.command}: error: {err}", file=sys.stderr)
+            return 2
     if ns.command == "bench":
         import importlib
 

@@ -40,6 +40,18 @@ class AdapterInUseError(PunicaError, RuntimeError):
     status = 409
 
 
+class AdapterFailedError(PunicaError, RuntimeError):
+    """An adapter failed while a request used it (its slot fill, or non-finite outputs): the
+    failure is charged to that adapter's requests only (422: the adapter, not the server)."""
+
+    status = 422
+
+
+class StepFailedError(PunicaError, RuntimeError):
+    """An engine step raised an unexpected error: the requests in that step fail with it, the
+    engine goes on (500; the traceback is logged)."""
+
+
 class ModelLoadError(PunicaError, ValueError):
     """A checkpoint is unreadable, corrupt or of an unsupported architecture (500 at start)."""
 
@@ -52,6 +64,11 @@ class CapacityError(PunicaError, RuntimeError):
 
 class EngineUnavailableError(CapacityError):
     """No engine of the cluster is alive to serve a request (503)."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request body, or a count in it (n, prompts, stop strings), passes the server's limits
+    (413 for the body, 400 for the counts)."""
 
 
 class ClusterStartError(PunicaError, RuntimeError):

@@ -135,11 +135,15 @@ def test_remove_adapter_in_use_and_reload(setup: tuple[Path, Path, LLM]) -> None
     eng = llm.engine
     eng.add_request("busy", [1, 2, 3], SamplingParams(max_tokens=3), "qv8")
     eng.step()
-    with pytest.raises(AdapterInUseError):
-        llm.remove_lora("qv8")
-    eng.abort("busy")
+    with pytest.raises(AdapterInUseError, match="already loaded"):
+        llm.load_lora("qv8", str(adapter))  # replacing needs intent
+    with pytest.raises(AdapterInUseError, match="used by 1 request"):
+        eng.load_lora("qv8", str(adapter), replace=True)  # and no request using it
+    assert eng.remove_lora("qv8") == ["busy"]  # its request fails, charged to it
+    (out,) = eng.step()
+    assert out.finished and out.finish_reason == "error"
+    assert isinstance(out.error, AdapterNotFoundError) and "unloaded" in str(out.error)
     assert_clean(llm)
-    llm.remove_lora("qv8")
     assert eng.list_loras() == []
     llm.load_lora("qv8", str(adapter))
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), lora="qv8", use_tqdm=False)

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,6 +26,8 @@ from tests.checkpoints import ADAPTERS, save_adapter, save_model
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 API_KEY = "test-key"
+SERVER_LOGS: dict[str, str] = {}
+"""What each stopped server printed, by URL (for tests of its logging)."""
 
 
 @dataclass
@@ -47,15 +50,16 @@ def punica_serve(*args: str, wait_s: float = 120.0, command: str = "serve") -> I
     interpreter) until /health answers; yield its URL; stop it afterwards."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    log = tempfile.NamedTemporaryFile("w+b", prefix="punica-serve-", suffix=".log")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "punica.cli", command, *args, "--port",
-                             str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + wait_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read().decode()[-2000:]}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -71,6 +75,9 @@ def punica_serve(*args: str, wait_s: float = 120.0, command: str = "serve") -> I
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.seek(0)
+        SERVER_LOGS[url] = log.read().decode(errors="replace")
+        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from tests.server.conftest import API_KEY, Running
 
 
 def status(url: str) -> dict:
-    r = httpx.get(f"{url}/cluster/status", timeout=10)
+    r = httpx.get(f"{url}/cluster/status", timeout=10,
+                  headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 200, r.text
     return r.json()
 

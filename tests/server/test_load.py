@@ -48,7 +48,8 @@ def test_many_streams_with_disconnects(server: Running) -> None:
     assert results.count("length") == 150
     deadline = time.time() + 30
     while True:
-        text = httpx.get(f"{server.url}/metrics").text
+        text = httpx.get(f"{server.url}/metrics",
+                         headers={"Authorization": f"Bearer {API_KEY}"}).text
         idle = (gauge(text, "punica_requests_running") == 0
                 and gauge(text, "punica_requests_waiting") == 0
                 and gauge(text, "punica_kv_blocks_used") == 0

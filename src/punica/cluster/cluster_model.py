@@ -45,21 +45,26 @@ class ClusterModel:
     def list_loras(self) -> list[str]:
         return sorted(self._adapters)
 
-    def load_lora(self, name: str, path: str) -> None:
+    def load_lora(self, name: str, path: str, root: str | None = None,
+                  replace: bool = False) -> None:
         """Load on every engine; usable once all have it (a partial load stays unusable)."""
-        results = self.fleet.fan_out(lambda e: e.load_lora(name, path))
+        if replace and self.fleet.adapter_users(name):
+            raise AdapterInUseError(f"adapter {name!r} is used by "
+                                    f"{self.fleet.adapter_users(name)} request(s); replace it "
+                                    "when idle")
+        results = self.fleet.fan_out(lambda e: e.load_lora(name, path, root, replace))
         self._refresh()
         _raise_first(results)
 
-    def remove_lora(self, name: str) -> None:
+    def remove_lora(self, name: str) -> list[str]:
+        """Unload from every engine: the adapter's requests there fail (LLMEngine.remove_lora),
+        those still queued here fail when placed; returns the ids of those the engines held."""
         if name not in self._adapters:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
-        users = self.fleet.adapter_users(name)
-        if users:
-            raise AdapterInUseError(f"adapter {name!r} is used by {users} request(s)")
         results = self.fleet.fan_out(lambda e: e.remove_lora(name))
         self._refresh()
         _raise_first(results)
+        return [rid for r in results for rid in (r.value or [])]
 
     def _refresh(self) -> None:
         listed = [set(r.value) for r in self.fleet.fan_out(lambda e: e.list_loras())

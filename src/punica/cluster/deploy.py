@@ -111,10 +111,21 @@ def run_cluster(ns: argparse.Namespace) -> int:
 
     from punica.server.app import create_app
     from punica.server.engine_spec import spec_from_args
-    from punica.server.serve import apply_demo_defaults, served_name
+    from punica.server.serve import (
+        api_key,
+        apply_demo_defaults,
+        bind,
+        check_names,
+        served_name,
+        setup_logging,
+    )
     from punica.server.state import ServerSettings
 
+    setup_logging(ns.log_level)
     apply_demo_defaults(ns)
+    check_names(ns)
+    key = api_key(ns)
+    sock = bind(ns.host, ns.port)
     _absolute_paths(ns)
     spec = spec_from_args(ns)
     if ns.address is None:
@@ -130,18 +141,22 @@ def run_cluster(ns: argparse.Namespace) -> int:
         cluster = start_cluster(spec, config)
     except (ClusterStartError, ValueError) as err:
         ray.shutdown()
+        sock.close()
         raise SystemExit(f"punica cluster: {err}") from err
-    settings = ServerSettings(served_name(ns), ns.api_key, ns.lora_root)
+    settings = ServerSettings(served_name(ns), key, ns.lora_root, ns.max_n, ns.max_prompts,
+                              ns.max_request_bytes)
     app = create_app(cluster, settings)
     add_cluster_routes(app, cluster, settings.served_model_name)
     print(f"punica: serving {settings.served_model_name} from {ns.num_engines} engines "
           f"({gpus} GPU each) with adapters {cluster.engine.list_loras()} on "
           f"http://{ns.host}:{ns.port}", flush=True)
+    config = uvicorn.Config(app, log_level="warning", log_config=None)
     try:
-        uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         cluster.shutdown()
         ray.shutdown()
+        sock.close()
     return 0
 
 

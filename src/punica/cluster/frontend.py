@@ -55,6 +55,8 @@ class Placement:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    n: int = 1
+    """Sequences it runs: its weight in `in_flight`."""
 
 
 @dataclass(eq=False)
@@ -126,14 +128,15 @@ class ClusterEngine:
     # AsyncEngine's interface (callers' threads) -------------------------------------------------
     @property
     def in_flight(self) -> int:
-        return len(self._streams)
+        """Sequences of the requests opened and not yet finished (a request counts n)."""
+        return sum(s.n for s in list(self._streams.values()))
 
     def open(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> str:
-        if self.in_flight >= self.max_in_flight:
-            raise OverloadedError(f"server overloaded: {self.in_flight} requests in flight")
+        if self.in_flight + params.n > self.max_in_flight:
+            raise OverloadedError(f"server overloaded: {self.in_flight} sequences in flight")
         self.engine.validate(prompt_ids, adapter)
         rid = f"req-{next(self._ids)}"
-        self._streams[rid] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[rid] = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._post(self._submit, rid, list(prompt_ids), params, adapter)
         return rid
 
@@ -325,6 +328,8 @@ class ClusterEngine:
             self._forget(request)
 
     def _deliver(self, rid: str, item: RequestOutput | Exception) -> None:
+        if isinstance(item, RequestOutput) and item.error is not None:
+            item = item.error  # the request failed on its engine: its reader gets the error
         stream = self._streams.get(rid)
         if stream is None:
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from punica.engine.outputs import RequestOutput
 from punica.engine.sampling_params import SamplingParams
 from punica.errors import CapacityError
 
+log = logging.getLogger(__name__)
 
 class OverloadedError(CapacityError):
     """Too many requests in flight: try again later (503)."""
@@ -37,6 +39,8 @@ class _Stream:
     adapter: str | None
     prompt_tokens: int
     start: float
+    n: int = 1
+    """Sequences it runs (SamplingParams.n): its weight in `in_flight`."""
 
 
 Observer = Callable[[str | None, int, int, "str | None", "float | None", "float | None"], None]
@@ -64,7 +68,8 @@ class AsyncEngine:
 
     @property
     def in_flight(self) -> int:
-        return len(self._streams)
+        """Sequences of the requests opened and not yet finished (a request counts n)."""
+        return sum(s.n for s in list(self._streams.values()))
 
     def open(self, prompt_ids: list[int], params: SamplingParams,
              adapter: str | None) -> str:
@@ -73,12 +78,12 @@ class AsyncEngine:
         Synchronous, so a handler can check everything (and answer 4xx/503) before it starts a
         streamed response. Iterate the request with `stream(rid)`.
         """
-        if self.in_flight >= self.max_in_flight:
-            raise OverloadedError(f"server overloaded: {self.in_flight} requests in flight")
+        if self.in_flight + params.n > self.max_in_flight:
+            raise OverloadedError(f"server overloaded: {self.in_flight} sequences in flight")
         self.engine.validate(prompt_ids, adapter)  # read-only checks, safe from this thread
         rid = f"req-{next(self._ids)}"
         self._streams[rid] = _Stream(asyncio.get_running_loop(), asyncio.Queue(), adapter,
-                                     len(prompt_ids), time.perf_counter())
+                                     len(prompt_ids), time.perf_counter(), params.n)
         self._inbox.put(lambda: self._add(rid, prompt_ids, params, adapter))
         return rid
 
@@ -92,11 +97,12 @@ class AsyncEngine:
         return self._iterate(rid, self._streams[rid])
 
     async def _iterate(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished, last, first = False, None, None
+        finished, last, first, failed = False, None, None, False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = failed = True  # the engine forgot it already
                     raise item
                 finished, last = item.finished, item
                 if first is None and any(c.token_ids for c in item.outputs):
@@ -108,7 +114,7 @@ class AsyncEngine:
             self._streams.pop(rid, None)
             if not finished:
                 self._inbox.put(lambda: self.engine.abort(rid))
-            self._observe(stream, last, first)
+            self._observe(stream, last, first, "error" if failed else None)
 
     def cancel(self, rid: str) -> None:
         """Abort an opened request whose stream will never be read."""
@@ -121,11 +127,13 @@ class AsyncEngine:
         async for out in self.stream(self.open(prompt_ids, params, adapter)):
             yield out
 
-    def _observe(self, stream: _Stream, last: RequestOutput | None, first: float | None) -> None:
+    def _observe(self, stream: _Stream, last: RequestOutput | None, first: float | None,
+                 reason: str | None = None) -> None:
         if self.observer is None:
             return
         generated = sum(len(c.token_ids) for c in last.outputs) if last else 0
-        reason = last.outputs[0].finish_reason if last and last.finished else None
+        if reason is None:
+            reason = last.outputs[0].finish_reason if last and last.finished else None
         ttft = first - stream.start if first is not None else None
         tpot = None
         if first is not None and last is not None and generated > 1:
@@ -155,6 +163,8 @@ class AsyncEngine:
             self._deliver(rid, err)
 
     def _deliver(self, rid: str, item: object) -> None:
+        if isinstance(item, RequestOutput) and item.error is not None:
+            item = item.error  # a failed request: its reader gets the error
         stream = self._streams.get(rid)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
@@ -168,14 +178,20 @@ class AsyncEngine:
             block = not self.engine.has_unfinished()
             try:
                 while True:
-                    self._inbox.get(block=block, timeout=0.5 if block else None)()
+                    job = self._inbox.get(block=block, timeout=0.5 if block else None)
                     block = False
+                    try:
+                        job()
+                    except Exception:  # noqa: BLE001 - one job's bug must not stop the loop
+                        log.exception("engine inbox job failed")
             except queue.Empty:
                 pass
             if self.engine.has_unfinished():
                 try:
-                    outputs = self.engine.step()
-                except Exception as err:  # noqa: BLE001 - fail the requests, keep serving
+                    outputs = self.engine.step()  # charges its own failures to their requests
+                except Exception as err:  # noqa: BLE001 - a bug in the recovery itself
+                    log.critical("engine step failed beyond recovery; failing every request",
+                                 exc_info=err)
                     self._fail_all(err)
                     continue
                 for out in outputs:

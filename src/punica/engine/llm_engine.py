@@ -1,9 +1,22 @@
-"""LLMEngine: the synchronous step loop (schedule -> load adapters -> build batch -> forward ->
-sample -> stop checks), holding the model, the KV pool and the adapter pool."""
+"""LLMEngine: the synchronous step loop (schedule -> fill adapter slots -> build batch ->
+forward -> sample -> stop checks), holding the model, the KV pool and the adapter pool.
+
+Failures are charged to whom they belong (the requests of other tenants go on untouched):
+- an adapter whose slot fill fails (its files changed on disk, a copy raised): every request of
+  that adapter fails with the error, its slot is left empty (lora/slots.py), the step runs on
+  without them;
+- a request whose logits are not finite (an adapter whose numbers overflow in use): that request
+  fails (AdapterFailedError);
+- unloading an adapter: its requests, running or queued, fail with AdapterNotFoundError;
+- anything else a step raises (a bug, a device error): the requests in that step fail with
+  StepFailedError, the traceback is logged, and the engine goes on with the others.
+A failed request finishes with finish_reason "error" and its RequestOutput carries the error.
+"""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import torch
@@ -21,7 +34,15 @@ from punica.engine.sequence import SeqStatus, Sequence
 from punica.engine.sizing import kv_blocks, kv_budget
 from punica.engine.step_stats import StepStats
 from punica.engine.stops import StopChecker
-from punica.errors import AdapterInUseError, AdapterNotFoundError, CapacityError
+from punica.errors import (
+    AdapterFailedError,
+    AdapterInUseError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    CapacityError,
+    PunicaError,
+    StepFailedError,
+)
 from punica.lora.peft import AdapterWeights
 from punica.lora.pool import LoraPool
 from punica.lora.registry import AdapterRegistry
@@ -31,6 +52,8 @@ from punica.models.loader import load_model
 from punica.models.rope import Rotary
 from punica.ops.attention import DecodeSplit
 from punica.tokens import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -56,8 +79,12 @@ class LLMEngine:
             self.tokenizer = None
         self.max_model_len = mc.max_model_len or self.arch.max_position_embeddings
         max_tokens = config.scheduler.max_num_batched_tokens
+        # The pool's kernels follow the step's: the torch backend runs the LoRA references too
+        # (a CPU engine in a test session that set TRITON_INTERPRET stays off the interpreter).
         self.lora_pool = (LoraPool(self.arch, lc.max_loras, lc.max_lora_rank, max_tokens,
-                                   self.dtype, device) if lc.max_loras > 0 else None)
+                                   self.dtype, device,
+                                   "torch" if self.attention_backend == "torch" else "auto")
+                          if lc.max_loras > 0 else None)
         self.lora_stream = (torch.cuda.Stream(device) if self.lora_pool is not None
                             and self.lora_pool.capturable and lc.shrink_beside_gemm else None)
         """The side stream of the LoRA shrinks in step graphs (StepContext.lora_stream)."""
@@ -80,7 +107,7 @@ class LLMEngine:
         self.rotary = Rotary(a, self.max_model_len, device)
         self.registry = AdapterRegistry(a, lc.max_lora_rank,
                                         lc.max_cpu_loras or max(4 * lc.max_loras, 32),
-                                        lc.allow_pickle)
+                                        lc.allow_pickle, self.dtype)
         self.slots = AdapterSlots(max(lc.max_loras, 1))
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
                                    self.slots)
@@ -94,7 +121,8 @@ class LLMEngine:
                 max_blocks=-(-self.max_model_len // cc.block_size), device=device,
                 max_tokens=max_tokens, lora_stream=self.lora_stream,
                 decode_split=self.decode_split)
-        self.stats = {"adapter_loads": 0, "adapter_evictions": 0}
+        self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_failures": 0,
+                      "step_failures": 0}
         self.step_stats = StepStats()
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}
@@ -103,31 +131,64 @@ class LLMEngine:
         """The step launched by the last call, not settled yet (async scheduling)."""
         self._penalised = 0
         """Sequences added and not yet forgotten whose sampling reads their earlier tokens."""
+        self._errors: dict[str, Exception] = {}
+        """Unfinished requests that failed (finish_reason "error"), with why."""
+        self._step_seqs: list[Sequence] = []
+        """The sequences of the step being run (and of the one it settles): a step that raises
+        fails these, no others."""
 
     # Adapters ---------------------------------------------------------------------------
-    def load_lora(self, name: str, path: str) -> None:
+    def load_lora(self, name: str, path: str, root: str | None = None,
+                  replace: bool = False) -> None:
+        """Register (parse and check) the adapter at `path`. `root`: its files must resolve
+        below it. An adapter of that name is replaced only with `replace`, and only while no
+        request uses it."""
         if self.lora_pool is None:
             raise CapacityError("LoRA is disabled (max_loras=0)")
-        if self.slots.refcount(name) > 0:
-            raise AdapterInUseError(f"adapter {name!r} is in use; remove it when idle")
-        self.registry.add(name, path)
+        self._check_replace(name, replace)
+        self.registry.add(name, path, root)
         self.slots.drop(name)  # a reload must be copied into the pool again
 
-    def add_lora_weights(self, weights: AdapterWeights) -> None:
+    def add_lora_weights(self, weights: AdapterWeights, replace: bool = False) -> None:
         """Register adapter weights held in memory (no directory behind them)."""
         if self.lora_pool is None:
             raise CapacityError("LoRA is disabled (max_loras=0)")
+        self._check_replace(weights.name, replace)
         self.registry.add_weights(weights)
         self.slots.drop(weights.name)
 
-    def remove_lora(self, name: str) -> None:
+    def _check_replace(self, name: str, replace: bool) -> None:
+        if name not in self.registry:
+            return
+        if not replace:
+            raise AdapterInUseError(f"adapter {name!r} is already loaded; unload it first or "
+                                    "ask to replace it")
+        users = self.requests_of(name)
+        if users:
+            raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} request(s); "
+                                    "replace it when idle")
+
+    def remove_lora(self, name: str) -> list[str]:
+        """Unregister an adapter. Its requests, running or queued, fail with
+        AdapterNotFoundError (no other request is touched); returns their ids."""
         if name not in self.registry:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        users = self.requests_of(name)
+        err = AdapterNotFoundError(f"adapter {name!r} was unloaded while this request was in "
+                                   "flight")
+        for rid in users:
+            self._fail_request(rid, err)
         self.slots.drop(name)
         self.registry.remove(name)
+        return users
 
     def list_loras(self) -> list[str]:
-        return sorted(self.registry.paths)
+        return sorted(self.registry.sources)
+
+    def requests_of(self, adapter: str) -> list[str]:
+        """Unfinished requests that use `adapter`."""
+        return [rid for rid, seqs in self._requests.items()
+                if seqs[0].adapter == adapter and rid not in self._errors]
 
     # Requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -153,12 +214,28 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
             self._forget(seq)
+        self._errors.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    def num_unfinished(self) -> int:
-        return len(self._requests)
+    def _fail_request(self, request_id: str, err: Exception) -> None:
+        """Finish every sequence of a request with finish_reason "error"; its output (at the
+        next step) carries `err`."""
+        if request_id not in self._requests:
+            return
+        self._errors.setdefault(request_id, err)
+        for seq in self._requests.get(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "error")
+
+    def _fail_adapter(self, name: str, err: Exception) -> None:
+        """An adapter failed in use: fail its requests, leave its slot empty."""
+        log.warning("adapter %r failed; failing its requests: %s", name, err)
+        self.stats["adapter_failures"] += 1
+        for rid in self.requests_of(name):
+            self._fail_request(rid, err)
+        self.slots.drop(name)
 
     def unfinished_ids(self) -> list[str]:
         return list(self._requests)
@@ -166,11 +243,40 @@ class LLMEngine:
     def validate(self, prompt_ids: list[int], adapter: str | None) -> None:
         """The checks add_request makes, without adding (for callers on another thread)."""
         self.stops.validate_prompt(prompt_ids, self.arch.vocab_size)
+        if adapter is not None and self.lora_pool is None:
+            raise AdapterNotFoundError(f"adapter {adapter!r}: LoRA is disabled (max_loras=0)")
         if adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
 
     # The step ---------------------------------------------------------------------------
     def step(self, updates: bool = True) -> list[RequestOutput]:
+        """Run one step (see _step); an error it raises fails only the requests in it."""
+        self._step_seqs = []
+        try:
+            return self._step(updates)
+        except Exception as err:  # noqa: BLE001 - charged to the step's requests, logged
+            return self._recover(err)
+
+    def _recover(self, err: Exception) -> list[RequestOutput]:
+        """A step raised: fail its requests (those it launched or settled), forget the step in
+        flight, and go on with every other request."""
+        failed = {s.request_id for s in self._step_seqs} | (
+            {s.request_id for s in self._inflight.seqs} if self._inflight else set())
+        self._inflight = None
+        self.stats["step_failures"] += 1
+        log.error("engine step failed; failing the %d request(s) in it", len(failed),
+                  exc_info=err)
+        wrapped = err if isinstance(err, PunicaError) else StepFailedError(
+            f"internal error in this request's engine step ({type(err).__name__}: {err})")
+        for rid in failed:
+            self._fail_request(rid, wrapped)
+        for seqs in self._requests.values():  # a placeholder left by the failed step
+            for seq in seqs:
+                if has_placeholder(seq):
+                    seq.output_ids.pop()
+        return self._collect_finished()
+
+    def _step(self, updates: bool = True) -> list[RequestOutput]:
         """Run one step; return the requests that finished in it and, with `updates`, also those
         that got a token (`finished` tells which; finished requests are forgotten by the engine).
         Batch callers pass updates=False: building outputs copies every running request's
@@ -189,8 +295,11 @@ class LLMEngine:
             touched |= self._settle(prev)
             prev = None
         if prev is not None:
+            self._step_seqs = list(prev.seqs)
             self._reserve(prev)
         out = self.scheduler.schedule()
+        self._step_seqs += [s.seq for s in out.scheduled]
+        self._fill_slots(out)
         if out.scheduled:
             launched = self._launch(out, prev, t0)
             if overlap:
@@ -236,10 +345,6 @@ class LLMEngine:
         """Load adapters, build the batch (rows of placeholders read `prev`'s tokens on the
         device), run the forward pass and sample on the device."""
         st = self.step_stats
-        for slot, name in out.loads:
-            self.lora_pool.load(slot, self.registry.get(name))
-        self.stats["adapter_loads"] += len(out.loads)
-        self.stats["adapter_evictions"] += len(out.evicted)
         batch = build_batch(out.scheduled, self.scheduler.blocks.tables,
                             self.config.cache.block_size, self.device,
                             prev.gather_index() if prev is not None else None)
@@ -267,26 +372,60 @@ class LLMEngine:
         t2 = time.perf_counter()
         st.forward_s += t2 - t1
         seqs = [s.seq for s in batch.sampled]
+        finite = torch.isfinite(logits).all(-1)
         tokens, raw = sample_tokens(logits, [s.params for s in seqs],
                                     [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
                                     [self._generators[s.seq_id] for s in seqs], self.generator)
-        launched = InFlight.launch(seqs, tokens, raw)
+        launched = InFlight.launch(seqs, tokens, raw, finite)
         st.sample_s += time.perf_counter() - t2
         return launched
+
+    def _fill_slots(self, out: SchedulerOutput) -> None:
+        """Copy this step's newly placed adapters into their slots. A fill that fails is
+        charged to its adapter (its requests fail, its slot stays empty); the step goes on
+        without them."""
+        self.stats["adapter_evictions"] += len(out.evicted)
+        failed = False
+        for slot, name in out.loads:
+            try:
+                self.lora_pool.load(slot, self.registry.get(name))
+            except Exception as err:  # noqa: BLE001 - charged to the adapter
+                if not isinstance(err, PunicaError):
+                    log.error("filling slot %d with adapter %r failed", slot, name,
+                              exc_info=err)
+                    err = AdapterLoadError(f"adapter {name!r} could not be copied into the "
+                                           f"adapter pool ({type(err).__name__}: {err})")
+                self._fail_adapter(name, err)
+                failed = True
+                continue
+            self.slots.filled(name)
+            self.stats["adapter_loads"] += 1
+        if failed:
+            out.scheduled = [s for s in out.scheduled if not s.seq.is_finished]
+        for s in out.scheduled:  # the invariant: no row reads an unfilled slot
+            if s.seq.adapter is not None and not self.slots.is_filled(s.seq.adapter):
+                raise RuntimeError(f"adapter {s.seq.adapter!r} scheduled on an unfilled slot")
 
     def _settle(self, f: InFlight) -> set[str]:
         """Wait for a launched step's tokens; append them (in place of placeholders), run the
         stop checks; returns the requests that got a token."""
         t = time.perf_counter()
-        ids = f.wait()
+        ids, finite = f.wait()
         self.step_stats.sample_s += time.perf_counter() - t
         lps = logprobs_of(f.raw_logprobs, ids, [s.params for s in f.seqs])
         touched = set()
-        for seq, token, lp in zip(f.seqs, ids, lps, strict=True):
+        for seq, token, lp, ok in zip(f.seqs, ids, lps, finite, strict=True):
             if seq.is_finished:  # stopped or aborted while this step was in flight
                 continue
             if has_placeholder(seq):
                 seq.output_ids.pop()
+            if not ok:
+                self._fail_request(seq.request_id, AdapterFailedError(
+                    "the model's output for this request is not finite (NaN or inf); "
+                    f"adapter {seq.adapter!r} may overflow in {str(self.dtype)[6:]}"
+                    if seq.adapter else "the model's output is not finite (NaN or inf)"))
+                touched.add(seq.request_id)
+                continue
             reason = self.stops.append(seq, token, lp)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -306,14 +445,25 @@ class LLMEngine:
                 done.append(self.output_of(rid, seqs))
                 for seq in self._requests.pop(rid):
                     self._forget(seq)
+                self._errors.pop(rid, None)
         return done
 
     def _forget(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
+        self.stops.forget(seq)
         self._penalised -= seq.params.penalised
 
     def output_of(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         return RequestOutput(request_id, list(seqs[0].prompt_ids), [
             CompletionOutput(i, real_output_ids(s), s.output_text, s.finish_reason,
                              list(s.logprobs) if s.params.logprobs is not None else None)
-            for i, s in enumerate(seqs)], finished=all(s.is_finished for s in seqs))
+            for i, s in enumerate(seqs)], finished=all(s.is_finished for s in seqs),
+            error=self._errors.get(request_id))
+
+    def leftovers(self) -> dict[str, int]:
+        """Per-request state still held (all 0 when nothing is in flight): a leak check."""
+        return {"requests": len(self._requests), "errors": len(self._errors),
+                "generators": len(self._generators), "detokenizers": self.stops.num_open,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.scheduler.blocks.num_blocks -
+                self.scheduler.blocks.num_free, "slot_refs": sum(self.slots.pinned().values())}

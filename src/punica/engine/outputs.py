@@ -20,6 +20,8 @@ class RequestOutput:
     prompt_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    error: Exception | None = None
+    """Why the request failed (its finish_reason is then "error"); None otherwise."""
 
     # Shortcuts to the first completion (the usual n = 1 case).
     @property

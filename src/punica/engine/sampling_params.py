@@ -56,8 +56,9 @@ class SamplingParams:
             _check(-2.0 <= value <= 2.0, name, "a number in [-2, 2]", value)
         _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty",
                "a number in (0, 10]", self.repetition_penalty)
-        _check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None",
-               self.seed)
+        _check(self.seed is None or (isinstance(self.seed, int) and
+                                     -(2**63) <= self.seed <= 2**63 - self.n), "seed",
+               f"None or an integer in [-2^63, 2^63 - n] (n = {self.n})", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "non-empty strings", self.stop)
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

@@ -31,6 +31,14 @@ class StopChecker:
         if self.tokenizer is not None:
             self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
 
+    def forget(self, seq: Sequence) -> None:
+        """Drop what is kept for `seq` (it finished, failed or was aborted)."""
+        self._detok.pop(seq.seq_id, None)
+
+    @property
+    def num_open(self) -> int:
+        return len(self._detok)
+
     def finishes_by_length(self, seq: Sequence) -> bool:
         """Whether the next token appended ends `seq` by max_tokens or max_model_len."""
         return (len(seq.output_ids) + 1 >= seq.params.max_tokens or

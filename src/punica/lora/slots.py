@@ -1,7 +1,11 @@
 """Tensor-free bookkeeping of the adapter pool's GPU slots: residency, pins and LRU eviction.
 
 Slot life cycle:
-    free --acquire(name)--> resident, pinned (refcount >= 1; the caller loads weights if told to)
+    free --acquire(name)--> assigned, pinned, *unfilled* (refcount >= 1; the caller must fill it)
+    unfilled --filled(name), after the fill's copies were queued--> resident
+    unfilled --the fill failed: the caller finishes every request of the adapter (refcount 0),
+               then drop(name)--> free (a failed fill never leaves the slot marked as holding
+               the adapter, so no later request reads a half-copied or foreign slot)
     pinned --release(name) until refcount 0--> resident, unpinned (in the LRU list, still loaded)
     unpinned --acquire(same name)--> pinned again, no load
     unpinned --acquire(other name) when no slot is free--> evicted (least recently released first)
@@ -35,9 +39,7 @@ class AdapterSlots:
         self._name_of: dict[int, str] = {}
         self._refs: dict[str, int] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # unpinned residents, oldest first
-
-    def slot_of(self, name: str) -> int | None:
-        return self._slot_of.get(name)
+        self._unfilled: set[str] = set()  # assigned a slot whose fill has not completed
 
     def refcount(self, name: str) -> int:
         return self._refs.get(name, 0)
@@ -61,7 +63,17 @@ class AdapterSlots:
         self._slot_of[name] = slot
         self._name_of[slot] = name
         self._refs[name] = 1
+        self._unfilled.add(name)
         return Acquired(slot, needs_load=True, evicted=evicted)
+
+    def filled(self, name: str) -> None:
+        """The fill of `name`'s slot completed (its copies are queued ahead of any reader)."""
+        if name not in self._slot_of:
+            raise RuntimeError(f"filled: adapter {name!r} holds no slot")
+        self._unfilled.discard(name)
+
+    def is_filled(self, name: str) -> bool:
+        return name in self._slot_of and name not in self._unfilled
 
     def release(self, name: str) -> None:
         refs = self._refs.get(name, 0)
@@ -79,9 +91,11 @@ class AdapterSlots:
             del self._name_of[self._slot_of.pop(name)]
         self._lru.pop(name, None)
         self._refs.pop(name, None)
+        self._unfilled.discard(name)
 
     def resident(self) -> dict[str, int]:
-        return dict(self._slot_of)
+        """Adapters whose slot holds their weights (filled), by slot."""
+        return {n: s for n, s in self._slot_of.items() if n not in self._unfilled}
 
     def pinned(self) -> dict[str, int]:
         return {n: r for n, r in self._refs.items() if r > 0}

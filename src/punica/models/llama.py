@@ -37,13 +37,19 @@ class StepContext:
     rotary: Rotary
     lora: LoraPool | None
     attention_backend: str = "torch"
-    """torch: the reference (any device); triton: the paged kernels (CUDA, or the interpreter)."""
+    """The kernels of the step. torch: the references (any device); triton: the paged
+    attention and fused kernels (CUDA, or the interpreter)."""
     lora_stream: torch.cuda.Stream | None = None
     """The side stream each LoRA shrink runs on beside its projection's GEMM (add_lora_beside);
     None: the shrink follows the GEMM on the current stream."""
     decode_split: DecodeSplit | None = None
     """Decode attention splits each context over several programs (DecodeSplit); None: one
     program per sequence and KV head. The caller decides per step (DecodeSplit.wanted)."""
+
+    @property
+    def triton(self) -> bool:
+        """Whether the fused ops run as Triton kernels (else their torch references)."""
+        return self.attention_backend == "triton"
 
 
 def decode_split_of(split: DecodeSplit | None, batch: Batch) -> DecodeSplit | None:
@@ -61,13 +67,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, triton: bool = True) -> torch.Tensor:
         """Normalise over the last dimension of x [..., dim] (contiguous)."""
-        return fused.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+        return fused.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps,
+                              triton).view(x.shape)
 
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add(self, x: torch.Tensor, residual: torch.Tensor,
+            triton: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """residual += x (in place), then (normalised residual, residual)."""
-        return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        return fused.add_rms_norm(x, residual, self.weight, self.eps, triton)
 
 
 # Checkpoint projections stored as one fused weight here (rows concatenated in this order): one
@@ -119,7 +127,7 @@ class Attention(nn.Module):
         k = qkv[:, qs:qs + ks].view(n, a.num_kv_heads, a.head_dim)
         v = qkv[:, qs + ks:].view(n, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, ctx.triton), self.k_norm(k, ctx.triton)
         rot = ctx.rotary
         k_cache, v_cache = ctx.kv_cache[self.layer, 0], ctx.kv_cache[self.layer, 1]
         scale = a.head_dim**-0.5
@@ -136,8 +144,8 @@ class Attention(nn.Module):
                 paged_prefill(q, k_cache, v_cache, b.cu_seqlens_q_t, b.seq_lens_t,
                               b.block_tables_t, scale, out)
         else:
-            fused.rotary_(q, b.positions, rot.cos, rot.sin)
-            fused.rotary_(k, b.positions, rot.cos, rot.sin)
+            fused.rotary_(q, b.positions, rot.cos, rot.sin, triton=False)
+            fused.rotary_(k, b.positions, rot.cos, rot.sin, triton=False)
             write_kv(k_cache, v_cache, k, v, b.slot_mapping)
             out = paged_attention_ref(q, k_cache, v_cache, b.cu_seqlens_q, b.seq_lens,
                                       b.block_tables, scale)
@@ -154,7 +162,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         gate_up = _project(self.gate_up_proj, x, ctx, self.layer, "gate_up")
         i = gate_up.shape[1] // 2
-        act = fused.silu_and_mul(gate_up[:, :i], gate_up[:, i:])
+        act = fused.silu_and_mul(gate_up[:, :i], gate_up[:, i:], ctx.triton)
         return _project(self.down_proj, act, ctx, self.layer, "down")
 
 
@@ -171,7 +179,8 @@ class DecoderLayer(nn.Module):
         """h = input_layernorm(residual) on entry; returns (mlp output, residual), the residual
         now holding the attention sum; the caller adds the mlp output (fused with the next norm).
         """
-        h, residual = self.post_attention_layernorm.add(self.self_attn(h, ctx), residual)
+        h, residual = self.post_attention_layernorm.add(self.self_attn(h, ctx), residual,
+                                                        ctx.triton)
         return self.mlp(h, ctx), residual
 
 
@@ -201,11 +210,11 @@ class CausalLM(nn.Module):
         """float32 logits [N, vocab] of the batch's sampled rows."""
         layers = self.model.layers
         residual = self.model.embed_tokens(ctx.batch.input_ids)
-        h = layers[0].input_layernorm(residual)
+        h = layers[0].input_layernorm(residual, ctx.triton)
         for i, layer in enumerate(layers):
             out, residual = layer(h, residual, ctx)
             if i + 1 < len(layers):  # residual += out, normalised for the next layer
-                h, residual = layers[i + 1].input_layernorm.add(out, residual)
+                h, residual = layers[i + 1].input_layernorm.add(out, residual, ctx.triton)
         rows = ctx.batch.logits_rows
-        x, _ = self.model.norm.add(out[rows], residual[rows])
+        x, _ = self.model.norm.add(out[rows], residual[rows], ctx.triton)
         return F.linear(x, self.logits_weight()).float()

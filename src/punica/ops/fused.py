@@ -8,6 +8,8 @@ references of `fused_ref.py` on plain CPU tensors).
                                              cos/sin [max_len, D] (both halves equal, as `Rotary`)
     silu_and_mul(gate, up)                   [T, N] -> silu(gate) * up
 
+Each op takes `triton=False` to run its torch reference whatever the device (the model's torch
+backend: the engine on a plain CPU stays off the interpreter even in a test session that set it).
 No host sync and no allocation beyond each op's output: capturable in a CUDA graph. Checks and
 launch parameters are derived once per argument signature and the compiled kernel relaunched
 directly (`launch.py`), as the SGMV and attention wrappers do.
@@ -78,24 +80,28 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
     return out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             triton: bool = True) -> torch.Tensor:
     """weight * normalize(x) per row; x [T, D] fp16/bf16/fp32, weight [D] of x's dtype."""
-    out = _norm(x, None, weight, eps)
+    out = _norm(x, None, weight, eps) if triton else None
     return fused_ref.rms_norm_ref(x, weight, eps) if out is None else out
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, triton: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """residual += x (rounded to its dtype, in place); returns (rms_norm(residual), residual)."""
-    out = _norm(x, residual, weight, eps)
+    out = _norm(x, residual, weight, eps) if triton else None
     if out is None:
         return fused_ref.add_rms_norm_ref(x, residual, weight, eps)
     return out, residual
 
 
 def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-            sin: torch.Tensor) -> torch.Tensor:
+            sin: torch.Tensor, triton: bool = True) -> torch.Tensor:
     """Rotate x [T, H, D] in place by the tables' rows at `positions` (int64 [T]); returns x."""
+    if not triton:
+        x.copy_(fused_ref.rotary_ref(x, cos[positions][:, None], sin[positions][:, None]))
+        return x
     key = (sig(x), sig(positions), sig(cos), sig(sin))
     launch = _ROTARY.get(key, _rotary_plan, x, positions, cos, sin)
     if launch is not None:
@@ -126,8 +132,10 @@ def _rotary_plan(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                         dict(HALF=D // 2, BLOCK_H=block_h), dict(num_warps=2))
 
 
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor, triton: bool = True) -> torch.Tensor:
     """silu(gate) * up, gate/up [T, N] of one dtype (fp32 inside, one rounding)."""
+    if not triton:
+        return fused_ref.silu_and_mul_ref(gate, up)
     launch = _SILU.get((sig(gate), sig(up)), _silu_plan, gate, up)
     if launch is None and not _use_triton(gate):
         return fused_ref.silu_and_mul_ref(gate, up)

@@ -1,16 +1,27 @@
 """The FastAPI app: OpenAI completions and chat (plain and streamed), models, adapter loading,
-health and version. `model` names the served base model or a loaded adapter."""
+health and version. `model` names the served base model or a loaded adapter.
+
+Every error answer has OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`), the
+framework's own (unknown route, wrong method, unparsable body) and unexpected ones (500, logged
+with a traceback) included; 429/503 carry Retry-After.
+"""
 
 from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import punica
 from punica.engine.async_engine import AsyncEngine
-from punica.errors import PunicaError
+from punica.errors import InvalidRequestError, PunicaError
 from punica.server import formatting as fmt
+from punica.server.limits import DISCONNECTED, BodyLimit
 from punica.server.metrics import Metrics
 from punica.server.protocol import (
     ChatCompletionRequest,
@@ -21,34 +32,68 @@ from punica.server.protocol import (
 from punica.server.routes import run_chat, run_completion
 from punica.server.state import Server, ServerSettings, safe_lora_path
 
+log = logging.getLogger(__name__)
+OPEN_PATHS = ("/health", "/version")
+"""Paths that answer without the API key (when one is set)."""
+
+
+def error_response(message: str, status: int, param: str | None = None,
+                   retry_after_s: int = 1) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
+    return JSONResponse(fmt.error_body(message, status, param), status_code=status,
+                        headers=headers)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    first = err.errors()[0] if err.errors() else {}
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})", None
+    loc = [str(p) for p in first.get("loc", ())[1:]]
+    where = ".".join(loc) or None
+    msg = str(first.get("msg", err)).removeprefix("Value error, ")
+    if isinstance(first.get("ctx", {}).get("error"), InvalidRequestError):
+        return msg, where  # our own check: its message names the field already
+    return (f"{where}: {msg}" if where else msg), where
+
 
 def create_app(engine: AsyncEngine, settings: ServerSettings,
                metrics: Metrics | None = None) -> FastAPI:
     app = FastAPI(title="Punica", version=punica.__version__)
     srv = Server(engine, settings)
     app.state.server = srv
+    retry = settings.retry_after_s
 
     @app.exception_handler(PunicaError)
     async def punica_error(_: Request, err: PunicaError) -> JSONResponse:
         status = getattr(err, "status", 500)
-        return JSONResponse(fmt.error_body(str(err), status), status_code=status)
+        if status >= 500 and status != 503:
+            log.error("request failed: %s", err)
+        return error_response(str(err), status, retry_after_s=retry)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{where}: {first.get('msg', err)}" if where else str(first.get("msg", err))
-        return JSONResponse(fmt.error_body(f"invalid request: {message}", 400, where),
-                            status_code=400)
+        message, where = _validation_message(err)
+        return error_response(f"invalid request: {message}", 400, where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(str(err.detail), err.status_code, retry_after_s=retry)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return error_response(f"internal server error ({type(err).__name__})", 500)
 
     @app.middleware("http")
     async def auth(request: Request, call_next: object) -> object:
         key = settings.api_key
-        if key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {key}":
-                return JSONResponse(fmt.error_body("invalid or missing API key", 401),
-                                    status_code=401)
+        if key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return error_response("invalid or missing API key", 401)
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.get("/health")
     async def health() -> dict:
@@ -57,7 +102,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     @app.get("/metrics")
     async def prometheus() -> Response:
         if metrics is None:
-            return Response("metrics are off\n", status_code=404, media_type="text/plain")
+            return error_response("metrics are off", 404)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/version")
@@ -76,21 +121,40 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoraRequest) -> dict:
+        if body.lora_name == settings.served_model_name:
+            raise InvalidRequestError("lora_name: the base model's name cannot name an adapter")
         path = safe_lora_path(settings.lora_root, body.lora_path)
-        await engine.call(lambda e: e.load_lora(body.lora_name, str(path)))
+        root = str(safe_lora_path(settings.lora_root, "."))
+        await engine.call(lambda e: e.load_lora(body.lora_name, str(path), root,
+                                                body.replace))
+        log.info("adapter %r loaded from %s%s", body.lora_name, path,
+                 " (replacing)" if body.replace else "")
         return {"status": "ok", "lora_name": body.lora_name}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora(body: UnloadLoraRequest) -> dict:
-        await engine.call(lambda e: e.remove_lora(body.lora_name))
-        return {"status": "ok", "lora_name": body.lora_name}
+        failed = await engine.call(lambda e: e.remove_lora(body.lora_name))
+        if metrics is not None:
+            metrics.forget(body.lora_name)
+        log.info("adapter %r unloaded; %d request(s) of it failed", body.lora_name,
+                 len(failed or []))
+        return {"status": "ok", "lora_name": body.lora_name,
+                "failed_requests": len(failed or [])}
+
+    def left(request: Request) -> Callable[[], Awaitable[bool]]:
+        """Whether the client has gone (BodyLimit watches the connection)."""
+        gone = request.scope.get(DISCONNECTED)
+
+        async def check() -> bool:
+            return gone is not None and gone.is_set()
+        return check
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> object:
-        return await run_completion(srv, body)
+    async def completions(body: CompletionRequest, request: Request) -> object:
+        return await run_completion(srv, body, left(request))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> object:
-        return await run_chat(srv, body)
+    async def chat(body: ChatCompletionRequest, request: Request) -> object:
+        return await run_chat(srv, body, left(request))
 
     return app

@@ -10,7 +10,7 @@ from punica.engine.outputs import CompletionOutput
 def error_body(message: str, status: int, param: str | None = None) -> dict:
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
             409: "conflict_error", 429: "rate_limit_error", 503: "overloaded_error"}.get(
-                status, "server_error")
+                status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 

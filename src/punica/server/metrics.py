@@ -1,5 +1,8 @@
 """Prometheus metrics of the server: per-adapter request counters and latency histograms, and
-engine gauges read at scrape time (queue, running, KV blocks, adapter slots, loads, evictions)."""
+engine gauges read at scrape time (queue, running, KV blocks, adapter slots, loads, evictions).
+
+Labels are bounded: an adapter label is a registered adapter's validated name, unloading an
+adapter drops its series, and past `max_adapters` labelled adapters the rest share "other"."""
 
 from __future__ import annotations
 
@@ -10,8 +13,14 @@ from punica.engine.llm_engine import LLMEngine
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+OTHER = "other"
+"""The label of adapters past Metrics.max_adapters."""
+
+
 class Metrics:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, max_adapters: int = 256) -> None:
+        self.max_adapters = max_adapters
+        self._labels: set[str] = set()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("punica_requests", "Finished requests", ["adapter", "reason"],
@@ -41,13 +50,17 @@ class Metrics:
                                      lambda: engine.stats["adapter_loads"]),
             "punica_adapter_evictions": ("Adapters evicted from the pool (cumulative)",
                                          lambda: engine.stats["adapter_evictions"]),
+            "punica_adapter_failures": ("Adapters that failed in use (cumulative)",
+                                        lambda: engine.stats.get("adapter_failures", 0)),
+            "punica_step_failures": ("Engine steps that raised (cumulative)",
+                                     lambda: engine.stats.get("step_failures", 0)),
         }
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
 
     def observe(self, adapter: str | None, prompt_tokens: int, generated: int,
                 reason: str | None, ttft: float | None, tpot: float | None) -> None:
-        label = adapter or "base"
+        label = self._label(adapter)
         self.requests.labels(label, reason or "abort").inc()
         self.prompt_tokens.labels(label).inc(prompt_tokens)
         self.generation_tokens.labels(label).inc(generated)
@@ -55,6 +68,29 @@ class Metrics:
             self.ttft.labels(label).observe(ttft)
         if tpot is not None:
             self.tpot.labels(label).observe(tpot)
+
+    def _label(self, adapter: str | None) -> str:
+        if adapter is None:
+            return "base"
+        if adapter not in self._labels:
+            if len(self._labels) >= self.max_adapters:
+                return OTHER
+            self._labels.add(adapter)
+        return adapter
+
+    def forget(self, adapter: str) -> None:
+        """Drop an unloaded adapter's series (its label is free again)."""
+        if adapter not in self._labels:
+            return
+        self._labels.discard(adapter)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot):
+            try:
+                metric.remove(adapter)
+            except KeyError:
+                pass
+        for labels in list(self.requests._metrics):  # (adapter, reason) pairs
+            if labels[0] == adapter:
+                self.requests.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,14 +4,14 @@ with one body or a server-sent-event stream (a closed stream aborts its requests
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from punica.engine.async_engine import OverloadedError
 from punica.engine.outputs import RequestOutput
 from punica.engine.sampling_params import SamplingParams
-from punica.errors import InvalidRequestError
+from punica.errors import InvalidRequestError, RequestTooLargeError
 from punica.server import formatting as fmt
 from punica.server.protocol import ChatCompletionRequest, CompletionRequest
 from punica.server.state import Server, gather_outputs, prompt_list, sse
@@ -20,9 +20,13 @@ from punica.server.state import Server, gather_outputs, prompt_list, sse
 def _open(srv: Server, prompts: list[list[int]], params: SamplingParams, adapter: str | None,
           max_tokens: int) -> list[AsyncIterator[RequestOutput]]:
     """Check and submit every prompt before any response starts (its status is still ours to
-    set); a failure closes the ones already opened."""
-    if srv.engine.in_flight + len(prompts) > srv.engine.max_in_flight:
-        raise OverloadedError(f"server overloaded: {srv.engine.in_flight} requests in flight")
+    set); a failure closes the ones already opened. Each prompt counts n in flight."""
+    limits = srv.settings
+    if params.n > limits.max_n:
+        raise RequestTooLargeError(f"n: at most {limits.max_n} completions per request, got "
+                                   f"{params.n}")
+    if srv.engine.in_flight + len(prompts) * params.n > srv.engine.max_in_flight:
+        raise OverloadedError(f"server overloaded: {srv.engine.in_flight} sequences in flight")
     for p in prompts:
         srv.check_length(p, max_tokens)
     rids: list[str] = []
@@ -66,10 +70,20 @@ async def _merged(gens: list[AsyncIterator[RequestOutput]]
             t.cancel()
 
 
-async def run_completion(srv: Server, body: CompletionRequest) -> object:
+Disconnected = Callable[[], Awaitable[bool]]
+CLIENT_GONE = 499
+"""The status logged for a request whose client left before its answer (no one reads it)."""
+
+
+async def run_completion(srv: Server, body: CompletionRequest,
+                         disconnected: Disconnected | None = None) -> object:
     adapter = srv.adapter_of(body.model)
-    prompts = [srv.encode(p) for p in prompt_list(body.prompt)]
-    max_tokens = body.max_tokens or 16
+    texts = prompt_list(body.prompt)
+    if len(texts) > srv.settings.max_prompts:
+        raise RequestTooLargeError(f"prompt: at most {srv.settings.max_prompts} prompts per "
+                                   f"request, got {len(texts)}")
+    prompts = await srv.off_loop(lambda: [srv.encode(p) for p in texts])
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16
     params = body.sampling_params(max_tokens, body.logprobs)
     gens = _open(srv, prompts, params, adapter, max_tokens)
     rid = srv.next_id("cmpl")
@@ -78,7 +92,9 @@ async def run_completion(srv: Server, body: CompletionRequest) -> object:
         return StreamingResponse(_stream(srv, "text_completion", rid, body.model, gens, params,
                                          sum(map(len, prompts)), include_usage, chat=False),
                                  media_type="text/event-stream")
-    outs = await gather_outputs(gens)
+    outs = await gather_outputs(gens, disconnected)
+    if outs is None:
+        return Response(status_code=CLIENT_GONE)
     choices = [{"index": i * params.n + c.index, "text": c.text,
                 "logprobs": fmt.completion_logprobs(srv.tokenizer, c),
                 "finish_reason": c.finish_reason}
@@ -92,14 +108,20 @@ def chat_prompt(srv: Server, body: ChatCompletionRequest) -> list[int]:
     tok = srv.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions")
-    messages = [m.model_dump() for m in body.messages]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {})
+                for m in body.messages]
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # noqa: BLE001 - a template's own check (roles, order) failed
+        raise InvalidRequestError(f"messages: the model's chat template refused them "
+                                  f"({type(err).__name__}: {err})") from err
     return list(tok.encode(text, add_special_tokens=False))
 
 
-async def run_chat(srv: Server, body: ChatCompletionRequest) -> object:
+async def run_chat(srv: Server, body: ChatCompletionRequest,
+                   disconnected: Disconnected | None = None) -> object:
     adapter = srv.adapter_of(body.model)
-    prompt = chat_prompt(srv, body)
+    prompt = await srv.off_loop(lambda: chat_prompt(srv, body))
     max_tokens = body.max_completion_tokens or body.max_tokens or max(
         1, srv.max_model_len - len(prompt))
     top = body.top_logprobs or 0
@@ -111,13 +133,29 @@ async def run_chat(srv: Server, body: ChatCompletionRequest) -> object:
         return StreamingResponse(_stream(srv, "chat.completion.chunk", rid, body.model, gens,
                                          params, len(prompt), include_usage, chat=True),
                                  media_type="text/event-stream")
-    (out,) = await gather_outputs(gens)
+    outs = await gather_outputs(gens, disconnected)
+    if outs is None:
+        return Response(status_code=CLIENT_GONE)
+    (out,) = outs
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": fmt.chat_logprobs(srv.tokenizer, c, top),
                 "finish_reason": c.finish_reason} for c in out.outputs]
     completion = sum(len(c.token_ids) for c in out.outputs)
     return fmt.envelope("chat.completion", rid, body.model, choices,
                         fmt.usage(len(prompt), completion))
+
+
+def _new_logprobs(srv: Server, c: object, new_tokens: int, params: SamplingParams,
+                  chat: bool) -> dict | None:
+    """The logprobs of a chunk's new tokens (the last `new_tokens` of the completion)."""
+    from punica.engine.outputs import CompletionOutput
+
+    start = len(c.token_ids) - new_tokens
+    part = CompletionOutput(c.index, c.token_ids[start:], c.text, c.finish_reason,
+                            c.logprobs[start:])
+    if chat:
+        return fmt.chat_logprobs(srv.tokenizer, part, params.logprobs or 0)
+    return fmt.completion_logprobs(srv.tokenizer, part)
 
 
 async def _stream(srv: Server, kind: str, rid: str, model: str,
@@ -145,6 +183,8 @@ async def _stream(srv: Server, kind: str, rid: str, model: str,
                     continue
                 choice = {"index": index, "finish_reason": c.finish_reason}
                 choice.update({"delta": {"content": delta}} if chat else {"text": delta})
+                if c.logprobs is not None:
+                    choice["logprobs"] = _new_logprobs(srv, c, new_tokens, params, chat)
                 choices.append(choice)
             if choices:
                 yield sse(fmt.envelope(kind, rid, model, choices))

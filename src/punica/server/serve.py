@@ -4,8 +4,15 @@ by punica.server.engine_spec, as every engine of `punica cluster` is)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
 
 from punica.config import ModelConfig
+
+log = logging.getLogger("punica.server")
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
@@ -22,9 +29,19 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
                     "dynamic loading disabled)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1")
+    ap.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every path but "
+                    "/health (visible in the process list: prefer PUNICA_API_KEY or "
+                    "--api-key-file)")
+    ap.add_argument("--api-key-file", help="read the API key from this file's first line")
     ap.add_argument("--max-in-flight", type=int, default=1024,
-                    help="requests in flight before new ones get 503")
+                    help="sequences in flight (a request counts n) before new ones get 503")
+    ap.add_argument("--max-n", type=int, default=16, help="most completions (n) per request")
+    ap.add_argument("--max-prompts", type=int, default=64,
+                    help="most prompts in one completions request")
+    ap.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                    help="largest request body (413 above it)")
+    ap.add_argument("--log-level", default="info",
+                    choices=["debug", "info", "warning", "error"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-model-len", type=int)
@@ -67,9 +84,60 @@ def apply_demo_defaults(ns: argparse.Namespace) -> None:
 
 
 def served_name(ns: argparse.Namespace) -> str:
-    from pathlib import Path
-
     return ns.served_model_name or Path(ns.model).name
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def api_key(ns: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file's first line, else PUNICA_API_KEY (None: no key)."""
+    if ns.api_key:
+        return ns.api_key
+    if ns.api_key_file:
+        try:
+            key = Path(ns.api_key_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError) as err:
+            raise SystemExit(f"punica: error: --api-key-file: cannot read a key from "
+                             f"{ns.api_key_file} ({type(err).__name__})") from err
+        if not key:
+            raise SystemExit("punica: error: --api-key-file: the first line is empty")
+        return key
+    return os.environ.get("PUNICA_API_KEY") or None
+
+
+def check_names(ns: argparse.Namespace) -> None:
+    """--lora-modules names: valid adapter names, none the base model's (SystemExit)."""
+    from punica.errors import InvalidRequestError
+    from punica.server.protocol import valid_adapter_name
+
+    base = served_name(ns)
+    for entry in ns.lora_modules:
+        name = entry.partition("=")[0]
+        try:
+            valid_adapter_name(name)
+        except InvalidRequestError as err:
+            raise SystemExit(f"punica: error: --lora-modules {name!r}: {err}") from err
+        if name == base:
+            raise SystemExit(f"punica: error: --lora-modules: {name!r} is the base model's "
+                             "name")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SystemExit(f"punica: error: cannot listen on {host}:{port} ({err.strerror})") \
+            from err
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(ns: argparse.Namespace) -> int:
@@ -81,16 +149,26 @@ def serve(ns: argparse.Namespace) -> int:
     from punica.server.metrics import Metrics
     from punica.server.state import ServerSettings
 
+    setup_logging(ns.log_level)
     apply_demo_defaults(ns)
+    check_names(ns)
+    key = api_key(ns)
+    sock = bind(ns.host, ns.port)
     engine = build_engine(spec_from_args(ns))
-    settings = ServerSettings(served_name(ns), ns.api_key, ns.lora_root)
+    settings = ServerSettings(served_name(ns), key, ns.lora_root, ns.max_n, ns.max_prompts,
+                              ns.max_request_bytes)
+    log.info("serving %s with adapters %s on http://%s:%d (API key %s)",
+             settings.served_model_name, engine.list_loras(), ns.host, ns.port,
+             "required" if key else "off")
     print(f"punica: serving {settings.served_model_name} with adapters "
           f"{engine.list_loras()} on http://{ns.host}:{ns.port}", flush=True)
     metrics = Metrics(engine)
     async_engine = AsyncEngine(engine, ns.max_in_flight, observer=metrics.observe)
+    config = uvicorn.Config(create_app(async_engine, settings, metrics), log_level="warning",
+                            log_config=None)
     try:
-        uvicorn.run(create_app(async_engine, settings, metrics), host=ns.host, port=ns.port,
-                    log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         async_engine.shutdown()
+        sock.close()
     return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from punica.engine.async_engine import AsyncEngine
 from punica.engine.outputs import RequestOutput
@@ -22,6 +24,17 @@ class ServerSettings:
     """When set, /v1 requests need `Authorization: Bearer <key>`."""
     lora_root: str | None = None
     """load_lora_adapter reads only below this folder (unset: dynamic loading disabled)."""
+    max_n: int = 16
+    """Most completions (n) one request may ask for."""
+    max_prompts: int = 64
+    """Most prompts in one completions request."""
+    max_body_bytes: int = 8 << 20
+    """Largest request body (413 above it)."""
+    retry_after_s: int = 1
+    """Retry-After of 429/503 answers."""
+
+
+T = TypeVar("T")
 
 
 class Server:
@@ -30,6 +43,12 @@ class Server:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self._ids = itertools.count()
+        self._cpu = ThreadPoolExecutor(1, thread_name_prefix="punica-tokenize")
+        """Tokenising and chat templates run here, one at a time, off the event loop."""
+
+    async def off_loop(self, fn: Callable[[], T]) -> T:
+        """fn() on the tokenizer thread (the event loop keeps serving meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
     def adapter_of(self, model: str) -> str | None:
         if model == self.settings.served_model_name:
@@ -77,8 +96,16 @@ def safe_lora_path(root: str | None, path: str) -> Path:
     if root is None:
         raise InvalidRequestError("dynamic adapter loading is disabled (start the server with "
                                   "--lora-root DIR)")
+    if "\0" in path or not path or any(len(p.encode("utf-8", "replace")) > 255
+                                        for p in path.split("/")):
+        raise InvalidRequestError("lora_path: expected a folder name below the lora root (no "
+                                  "NUL byte, parts of at most 255 bytes)")
     base = Path(root).resolve()
-    target = (base / path).resolve()  # resolves symlinks: an escape shows as a path outside
+    try:
+        target = (base / path).resolve()  # resolves symlinks: an escape shows as outside
+    except (OSError, RuntimeError, ValueError) as err:
+        raise InvalidRequestError(f"lora_path: cannot be resolved ({type(err).__name__})") \
+            from err
     if target != base and base not in target.parents:
         raise InvalidRequestError(f"lora_path: expected a folder below the lora root, got "
                                   f"{path!r}")
@@ -89,5 +116,20 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def gather_outputs(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-    return list(await asyncio.gather(*(_final(g) for g in gens)))
+async def gather_outputs(gens: list[AsyncIterator[RequestOutput]],
+                         disconnected: Callable[[], Awaitable[bool]] | None = None,
+                         poll_s: float = 0.25) -> list[RequestOutput] | None:
+    """The final output of every stream; None if `disconnected()` turned true first (then
+    every stream is closed, which aborts its request: a client that left stops costing)."""
+    task = asyncio.ensure_future(asyncio.gather(*(_final(g) for g in gens)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return list(task.result())
+            if disconnected is not None and await disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
