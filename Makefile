@@ -16,8 +16,9 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e ".[test,bench,cluster]"
 	touch $(STAMP)
 
+# Two workers (pytest-xdist): the tests are independent; each worker starts its own servers.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=20
 
 # The OpenAI-compatible server on the built-in demo model (built on first use).
 serve: $(STAMP)

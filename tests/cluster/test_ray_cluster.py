@@ -22,8 +22,9 @@ from punica.engine.llm_engine import LLMEngine  # noqa: E402
 from punica.engine.outputs import RequestOutput  # noqa: E402
 from punica.engine.sampling_params import SamplingParams  # noqa: E402
 from punica.engine.scheduler import SchedulerConfig  # noqa: E402
+from punica.errors import EngineUnavailableError  # noqa: E402
 from punica.server.engine_spec import EngineSpec  # noqa: E402
-from tests.checkpoints import save_model  # noqa: E402
+from tests.checkpoints import ADAPTERS, save_adapter, save_model  # noqa: E402
 
 MAX_BATCH = 2
 NUM_BLOCKS = 6  # 96 tokens of 16: two 55-token requests cannot share one engine to the end
@@ -173,7 +174,8 @@ def test_migrated_request_equals_unmigrated_output(cluster: ClusterEngine,
 def test_killed_engine_loses_no_request(local_ray: None, spec: EngineSpec,
                                         reference: LLMEngine) -> None:
     roomy = replace(spec, config=replace(spec.config, cache=CacheConfig()))  # no migration
-    cluster = start_cluster(roomy, ClusterConfig(num_engines=2, cpus_per_engine=1))
+    cluster = start_cluster(roomy, ClusterConfig(num_engines=2, cpus_per_engine=1,
+                                                 restart_engines=False))
     prompts = [[3 + i, 4, 5, 6] for i in range(3)]
     want = offline(reference, prompts, greedy(50))
     rids: list[str] = []
@@ -193,6 +195,17 @@ def test_killed_engine_loses_no_request(local_ray: None, spec: EngineSpec,
     try:
         outs = asyncio.run(main())
         status = asyncio.run(cluster.status())
+        assert cluster.healthy()  # engine 1 lives
+        ray.kill(cluster.actors[1])  # now none does: unhealthy, and new requests get 503
+        deadline = time.monotonic() + 20
+        while cluster.healthy() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not cluster.healthy()
+
+        async def refused() -> None:
+            with pytest.raises(EngineUnavailableError):
+                cluster.open([1, 2], greedy(2), None)
+        asyncio.run(refused())
     finally:
         cluster.shutdown()
     for updates, tokens in zip(outs, want, strict=True):
@@ -204,3 +217,43 @@ def test_killed_engine_loses_no_request(local_ray: None, spec: EngineSpec,
     assert {p.engine_id for p in recovered} == {1}
     by_engine = Counter(p.engine_id for p in cluster.stats.placements)
     assert status["placements_per_engine"] == {str(e): by_engine[e] for e in (0, 1)}
+
+
+def wait_for(condition: object, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_dead_engines_restart_with_the_clusters_adapters(local_ray: None, spec: EngineSpec,
+                                                         model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """Kill one engine, then both: each is started again (with backoff), holds the adapter
+    loaded after the cluster started, and serves; health and status say so throughout."""
+    late = save_adapter(model_dir, tmp_path / "late", 3, **ADAPTERS["qv8"])
+    cluster = start_cluster(spec, ClusterConfig(num_engines=2, cpus_per_engine=1))
+
+    def alive() -> list[bool]:
+        return [e["alive"] for e in asyncio.run(cluster.status())["engines"]]
+
+    def adapters(eid: int) -> list[str]:
+        return ray.get(cluster.actors[eid].call.remote(lambda e: e.list_loras())).value
+
+    async def serve(adapter: str | None) -> list[RequestOutput]:
+        return [out async for out in cluster.generate([1, 2, 3], greedy(4), adapter)]
+
+    try:
+        cluster.engine.load_lora("late", str(late))
+        ray.kill(cluster.actors[0])
+        wait_for(lambda: cluster.stats.restarts == 1 and alive() == [True, True])
+        assert cluster.healthy() and "late" in adapters(0)
+        ray.kill(cluster.actors[0])
+        ray.kill(cluster.actors[1])
+        wait_for(lambda: cluster.stats.restarts == 3 and alive() == [True, True])
+        assert cluster.healthy() and all("late" in adapters(e) for e in (0, 1))
+        assert len(asyncio.run(serve("late"))[-1].token_ids) == 4
+        status = asyncio.run(cluster.status())
+        assert status["restarts"] == 3 and status["recoveries"] == 0
+    finally:
+        cluster.shutdown()

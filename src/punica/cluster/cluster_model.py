@@ -31,6 +31,9 @@ class ClusterModel:
         self.vocab_size = info.vocab_size
         self._stops = StopChecker(None, (), info.max_model_len)
         self._adapters = frozenset(info.adapters)
+        self.desired: dict[str, tuple[str, str | None] | None] = dict.fromkeys(info.adapters)
+        """The adapters the cluster serves: name -> (path, root) of a load since start, or
+        None for one every engine loads when it starts. A restarted engine is made to match."""
 
     @property
     def registry(self) -> frozenset[str]:
@@ -53,7 +56,9 @@ class ClusterModel:
                                     f"{self.fleet.adapter_users(name)} request(s); replace it "
                                     "when idle")
         results = self.fleet.fan_out(lambda e: e.load_lora(name, path, root, replace))
-        self._refresh()
+        if all(r.error is None for r in results):
+            self.desired[name] = (path, root)
+        self.refresh()
         _raise_first(results)
 
     def remove_lora(self, name: str) -> list[str]:
@@ -62,11 +67,32 @@ class ClusterModel:
         if name not in self._adapters:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
         results = self.fleet.fan_out(lambda e: e.remove_lora(name))
-        self._refresh()
+        self.desired.pop(name, None)
+        self.refresh()
         _raise_first(results)
         return [rid for r in results for rid in (r.value or [])]
 
-    def _refresh(self) -> None:
+    def sync_adapters(self, actor: object) -> None:
+        """Make a (re)started engine actor hold `desired`: unload what was unloaded since the
+        cluster started, load what was loaded since (blocking: a worker thread)."""
+        import ray
+
+        def check(result: CallResult) -> object:
+            if result.error is not None:
+                raise result.error
+            return result.value
+
+        have = check(ray.get(actor.call.remote(lambda e: e.list_loras())))
+        for name in have:
+            if name not in self.desired:
+                check(ray.get(actor.call.remote(lambda e, n=name: e.remove_lora(n))))
+        for name, source in self.desired.items():
+            if source is not None:
+                path, root = source
+                check(ray.get(actor.call.remote(
+                    lambda e, n=name, p=path, r=root: e.load_lora(n, p, r, True))))
+
+    def refresh(self) -> None:
         listed = [set(r.value) for r in self.fleet.fan_out(lambda e: e.list_loras())
                   if r.error is None]
         self._adapters = frozenset(set.intersection(*listed)) if listed else frozenset()

@@ -28,6 +28,8 @@ class ClusterConfig:
     """Requests in flight (queued or placed) before new ones get 503."""
     start_timeout_s: float = 600.0
     """How long the engines may take to start (and to be scheduled by Ray)."""
+    restart_engines: bool = True
+    """Start a dead engine again (with backoff); False: it stays dead."""
 
     def __post_init__(self) -> None:
         if self.num_engines < 1:
@@ -79,7 +81,8 @@ def start_cluster(spec: EngineSpec, config: ClusterConfig) -> object:
         from punica.tokens import load_tokenizer
 
         tokenizer = load_tokenizer(spec.config.model.model)
-    return ClusterEngine(actors, infos, tokenizer, config.max_in_flight)
+    start = (lambda eid: worker.remote(eid, spec, share)) if config.restart_engines else None
+    return ClusterEngine(actors, infos, tokenizer, config.max_in_flight, start)
 
 
 def _kill(actors: list) -> None:

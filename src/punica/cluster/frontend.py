@@ -6,6 +6,11 @@ thread runs its own event loop and alone owns the cluster state: the FCFS queue,
 placement and each engine's load. Every engine has a pump on that loop, a long poll of its actor
 (one Report per engine step, or a heartbeat); after each report the queue is placed again.
 
+Engine life cycle: alive -> dead (its poll failed: its requests are placed again) -> restarted
+(with a start function: a new actor after a backoff that doubles with each death of that engine,
+1 s to 30 s; it is given the cluster's adapters as they are now, its placement numbers and load
+start afresh, and a new pump reads it) -> alive.
+
 Request life cycle: opened (validated, counted in flight) -> queued -> placed on engine e (sent
 with a placement number and the tag `rid@attempt`) -> updates streamed back -> finished | failed |
 aborted (the reader left: the engine is told) | migrated (engine e ran out of KV blocks) or
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -25,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorUnavailableError
+from ray.exceptions import ActorUnavailableError, RayTaskError
 
 from punica.cluster.cluster_model import ClusterModel
 from punica.cluster.engine_load import EngineLoad
@@ -37,6 +43,9 @@ from punica.engine.outputs import RequestOutput
 from punica.engine.sampling_params import SamplingParams
 from punica.errors import EngineUnavailableError
 
+log = logging.getLogger(__name__)
+RESTART_FIRST_S, RESTART_MAX_S = 1.0, 30.0
+"""Backoff before an engine is started again: the first, doubled per death, at most."""
 POLL_S = 1.0
 """Longest wait of one poll: an idle engine reports its load this often."""
 PLACEMENT_LOG = 4096
@@ -90,6 +99,8 @@ class _Request:
 class _Counters:
     migrations: int = 0
     recoveries: int = 0
+    restarts: int = 0
+    deaths: Counter[int] = field(default_factory=Counter)
     placed: Counter[int] = field(default_factory=Counter)
     """Placements per engine id since start (first placements, migrations and recoveries)."""
     placements: deque[Placement] = field(default_factory=lambda: deque(maxlen=PLACEMENT_LOG))
@@ -100,9 +111,12 @@ class _Counters:
 
 class ClusterEngine:
     def __init__(self, actors: list, infos: list[EngineInfo], tokenizer: object | None,
-                 max_in_flight: int = 1024) -> None:
-        """`actors`: EngineWorker actor handles, `infos` their EngineInfo in the same order."""
+                 max_in_flight: int = 1024,
+                 start_engine: Callable[[int], object] | None = None) -> None:
+        """`actors`: EngineWorker actor handles, `infos` their EngineInfo in the same order.
+        `start_engine(engine_id)`: a new actor for a dead engine (None: dead stays dead)."""
         self.engine = ClusterModel(self, infos[0], tokenizer)
+        self._start_engine = start_engine
         self.max_in_flight = max_in_flight
         self.actors = actors
         self.infos = infos
@@ -131,7 +145,13 @@ class ClusterEngine:
         """Sequences of the requests opened and not yet finished (a request counts n)."""
         return sum(s.n for s in list(self._streams.values()))
 
+    def healthy(self) -> bool:
+        """Whether some engine is alive (a request can be served)."""
+        return any(load.alive for load in self._loads)
+
     def open(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> str:
+        if not self.healthy():
+            raise EngineUnavailableError("no engine of the cluster is alive")
         if self.in_flight + params.n > self.max_in_flight:
             raise OverloadedError(f"server overloaded: {self.in_flight} sequences in flight")
         self.engine.validate(prompt_ids, adapter)
@@ -250,11 +270,20 @@ class ClusterEngine:
             except ActorUnavailableError:
                 await asyncio.sleep(POLL_S)  # unreachable for now: ask again
                 continue
-            except Exception:  # noqa: BLE001 - dead (or unusable): its requests go elsewhere
+            except RayTaskError as err:  # its poll raised (a bug there): logged, not a death
+                log.error("engine %d: poll failed", eid, exc_info=err)
+                await asyncio.sleep(POLL_S)
+                continue
+            except Exception as err:  # noqa: BLE001 - dead: its requests go elsewhere
+                log.error("engine %d died (%s); placing its requests again", eid,
+                          type(err).__name__)
                 self._engine_died(eid)
                 return
-            self._absorb(eid, report)
-            self._place()
+            try:
+                self._absorb(eid, report)
+                self._place()
+            except Exception:  # noqa: BLE001 - a bug here must not stop this engine's pump
+                log.exception("engine %d: handling its report failed", eid)
 
     def _absorb(self, eid: int, report: object) -> None:
         self._loads[eid].absorb(report.state, report.applied, report.resident)
@@ -303,6 +332,39 @@ class ClusterEngine:
         for request in sorted(stranded, key=lambda r: r.arrival, reverse=True):
             self.stats.recoveries += 1
             self._requeue(request, "recovered")  # the oldest ends up at the head
+        self.stats.deaths[eid] += 1
+        if self._start_engine is not None and not self._closing:
+            self._pumps.append(self._loop.create_task(self._restart(eid)))
+        self._place()
+
+    async def _restart(self, eid: int) -> None:
+        """Start engine `eid` again (after the backoff), give it the cluster's adapters, and
+        read it with a new pump; a start that fails is tried again, backing off further."""
+        delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (self.stats.deaths[eid] - 1))
+        while not self._closing:
+            await asyncio.sleep(delay)
+            actor = None
+            try:
+                actor = self._start_engine(eid)
+                info = await actor.info.remote()
+                await asyncio.to_thread(self.engine.sync_adapters, actor)
+                break
+            except Exception as err:  # noqa: BLE001 - logged; tried again later
+                log.error("engine %d: restart failed (%s: %s); next try in %.0f s", eid,
+                          type(err).__name__, err, min(RESTART_MAX_S, 2 * delay))
+                if actor is not None:
+                    ray.kill(actor)
+                delay = min(RESTART_MAX_S, 2 * delay)
+        else:
+            return
+        self.actors[eid], self.infos[eid] = actor, info
+        self._numbers[eid] = itertools.count()
+        self._loads[eid] = EngineLoad(EngineState(eid, info.max_batch, 0, info.num_blocks,
+                                                  info.block_size))
+        self.stats.restarts += 1
+        log.info("engine %d restarted", eid)
+        self._pumps.append(self._loop.create_task(self._pump(eid)))
+        await asyncio.to_thread(self.engine.refresh)
         self._place()
 
     def _abort(self, rid: str) -> None:
@@ -347,6 +409,7 @@ class ClusterEngine:
                 "idle_engines": [e["engine_id"] for e in engines if e["idle"]],
                 "queued": len(self._queue), "in_flight": len(self._requests),
                 "migrations": self.stats.migrations, "recoveries": self.stats.recoveries,
+                "restarts": self.stats.restarts,
                 "migration_stalls_s": list(self.stats.stalls),
                 "placements_per_engine": {str(e): self.stats.placed[e]
                                           for e in range(len(self._loads))}}

@@ -66,6 +66,10 @@ class AsyncEngine:
         self._inbox.put(lambda: None)
         self._thread.join(timeout=10)
 
+    def healthy(self) -> bool:
+        """Whether the engine thread is running (it serves requests)."""
+        return self._thread.is_alive()
+
     @property
     def in_flight(self) -> int:
         """Sequences of the requests opened and not yet finished (a request counts n)."""

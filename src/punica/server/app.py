@@ -96,7 +96,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health() -> object:
+        if not engine.healthy():
+            return error_response("no engine is serving", 503, retry_after_s=retry)
         return {"status": "ok"}
 
     @app.get("/metrics")
