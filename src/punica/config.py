@@ -55,6 +55,13 @@ class LoraConfig:
     """On CUDA, in step graphs: run each LoRA shrink on a side stream while the base GEMM of
     its projection runs (`ops.lora.add_lora_beside`), rather than after it."""
 
+    def __post_init__(self) -> None:
+        if self.max_loras < 0 or self.max_lora_rank < 1 or (
+                self.max_cpu_loras is not None and self.max_cpu_loras < 1):
+            raise ValueError("max_loras >= 0, max_lora_rank >= 1 and max_cpu_loras >= 1 "
+                             f"expected, got {self.max_loras}, {self.max_lora_rank}, "
+                             f"{self.max_cpu_loras}")
+
 
 @dataclass(frozen=True)
 class EngineConfig:

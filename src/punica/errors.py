@@ -71,5 +71,9 @@ class RequestTooLargeError(InvalidRequestError):
     (413 for the body, 400 for the counts)."""
 
 
+class ConfigError(PunicaError, ValueError):
+    """A flag or setting is invalid, or the server cannot start with it (`punica` exits 2)."""
+
+
 class ClusterStartError(PunicaError, RuntimeError):
     """The cluster's engines could not start (resources missing, a bad model or flags)."""

@@ -36,6 +36,8 @@ class Running:
     model_dir: Path
     adapters: dict[str, Path]
     lora_root: Path
+    cluster: bool = False
+    """Whether `url` is a `punica cluster` (no /metrics; /cluster/status instead)."""
 
 
 def free_port() -> int:

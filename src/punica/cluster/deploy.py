@@ -4,14 +4,18 @@ server over a cluster: a local Ray cluster it starts, or one it joins with --add
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from punica.errors import ClusterStartError
 from punica.server.engine_spec import EngineSpec
 
+log = logging.getLogger(__name__)
 ENGINE_THREADS = 4
 """Concurrent calls an engine actor serves (a poll, adds and aborts, adapter calls)."""
 
@@ -131,33 +135,39 @@ def run_cluster(ns: argparse.Namespace) -> int:
     sock = bind(ns.host, ns.port)
     _absolute_paths(ns)
     spec = spec_from_args(ns)
-    if ns.address is None:
-        cpus = max(os.cpu_count() or 1, math.ceil(ns.num_engines * ns.cpus_per_engine) + 1)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
-    else:
-        ray.init(address=ns.address)
-    gpus = ns.gpus_per_engine
-    if gpus is None:
-        gpus = 1.0 if ns.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    # SIGTERM while the engines start (before uvicorn handles it) must still stop Ray.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    cluster = None
     try:
-        config = ClusterConfig(ns.num_engines, gpus, ns.cpus_per_engine, ns.max_in_flight)
-        cluster = start_cluster(spec, config)
-    except (ClusterStartError, ValueError) as err:
-        ray.shutdown()
-        sock.close()
-        raise SystemExit(f"punica cluster: {err}") from err
-    settings = ServerSettings(served_name(ns), key, ns.lora_root, ns.max_n, ns.max_prompts,
-                              ns.max_request_bytes)
-    app = create_app(cluster, settings)
-    add_cluster_routes(app, cluster, settings.served_model_name)
-    print(f"punica: serving {settings.served_model_name} from {ns.num_engines} engines "
-          f"({gpus} GPU each) with adapters {cluster.engine.list_loras()} on "
-          f"http://{ns.host}:{ns.port}", flush=True)
-    config = uvicorn.Config(app, log_level="warning", log_config=None)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
+        if ns.address is None:
+            cpus = max(os.cpu_count() or 1, math.ceil(ns.num_engines * ns.cpus_per_engine) + 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+        else:
+            ray.init(address=ns.address)
+        gpus = ns.gpus_per_engine
+        if gpus is None:
+            gpus = 1.0 if ns.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 \
+                else 0.0
+        try:
+            config = ClusterConfig(ns.num_engines, gpus, ns.cpus_per_engine, ns.max_in_flight)
+            cluster = start_cluster(spec, config)
+        except ValueError as err:
+            raise ClusterStartError(str(err)) from err
+        settings = ServerSettings(served_name(ns), key, ns.lora_root, ns.max_n,
+                                  ns.max_prompts, ns.max_request_bytes)
+        app = create_app(cluster, settings)
+        add_cluster_routes(app, cluster, settings.served_model_name)
+        log.info("serving %s from %d engines (%s GPU each) with adapters %s on http://%s:%d",
+                 settings.served_model_name, ns.num_engines, gpus,
+                 cluster.engine.list_loras(), ns.host, ns.port)
+        print(f"punica: serving {settings.served_model_name} from {ns.num_engines} engines "
+              f"({gpus} GPU each) with adapters {cluster.engine.list_loras()} on "
+              f"http://{ns.host}:{ns.port}", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None)).run(
+            sockets=[sock])
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         ray.shutdown()
         sock.close()
     return 0

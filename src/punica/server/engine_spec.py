@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
 from punica.engine.llm_engine import LLMEngine
 from punica.engine.scheduler import SchedulerConfig
+from punica.errors import ConfigError
 
 RANDOM_PREFIX = "random:"
 
@@ -40,12 +41,12 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
 
 
 def spec_from_args(ns: argparse.Namespace) -> EngineSpec:
-    """The serve flags as a spec; --lora-modules entries must read NAME=DIR (SystemExit)."""
+    """The serve flags as a spec; --lora-modules entries must read NAME=DIR (ConfigError)."""
     modules = []
     for entry in ns.lora_modules:
         name, sep, path = entry.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--lora-modules: expected NAME=DIR, got {entry!r}")
+            raise ConfigError(f"--lora-modules: expected NAME=DIR, got {entry!r}")
         modules.append((name, path))
     return EngineSpec(engine_config(ns), tuple(modules), ns.random_adapters)
 
@@ -67,7 +68,7 @@ def _random_engine(spec: EngineSpec) -> LLMEngine:
     shapes = {"random:llama2-7b": llama2_7b, "random:tiny": tiny}
     mc = spec.config.model
     if mc.model not in shapes:
-        raise SystemExit(f"--model: expected a directory or one of {sorted(shapes)}")
+        raise ConfigError(f"--model: expected a directory or one of {sorted(shapes)}")
     arch = shapes[mc.model]()
     device = torch.device(mc.device if mc.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -11,8 +11,20 @@ import sys
 from pathlib import Path
 
 from punica.config import ModelConfig
+from punica.errors import ConfigError
 
 log = logging.getLogger("punica.server")
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return port
 
 
 def add_serve_args(ap: argparse.ArgumentParser) -> None:
@@ -28,7 +40,7 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lora-root", help="folder load_lora_adapter may read below (unset: "
                     "dynamic loading disabled)")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=port_number, default=8000)
     ap.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every path but "
                     "/health (visible in the process list: prefer PUNICA_API_KEY or "
                     "--api-key-file)")
@@ -100,17 +112,16 @@ def api_key(ns: argparse.Namespace) -> str | None:
         try:
             key = Path(ns.api_key_file).read_text().splitlines()[0].strip()
         except (OSError, IndexError, UnicodeDecodeError) as err:
-            raise SystemExit(f"punica: error: --api-key-file: cannot read a key from "
+            raise ConfigError(f"--api-key-file: cannot read a key from "
                              f"{ns.api_key_file} ({type(err).__name__})") from err
         if not key:
-            raise SystemExit("punica: error: --api-key-file: the first line is empty")
+            raise ConfigError("--api-key-file: the first line is empty")
         return key
     return os.environ.get("PUNICA_API_KEY") or None
 
 
 def check_names(ns: argparse.Namespace) -> None:
-    """--lora-modules names: valid adapter names, none the base model's (SystemExit)."""
-    from punica.errors import InvalidRequestError
+    """--lora-modules names: valid adapter names, none the base model's (ConfigError)."""
     from punica.server.protocol import valid_adapter_name
 
     base = served_name(ns)
@@ -118,10 +129,10 @@ def check_names(ns: argparse.Namespace) -> None:
         name = entry.partition("=")[0]
         try:
             valid_adapter_name(name)
-        except InvalidRequestError as err:
-            raise SystemExit(f"punica: error: --lora-modules {name!r}: {err}") from err
+        except ValueError as err:
+            raise ConfigError(f"--lora-modules {name!r}: {err}") from err
         if name == base:
-            raise SystemExit(f"punica: error: --lora-modules: {name!r} is the base model's "
+            raise ConfigError(f"--lora-modules: {name!r} is the base model's "
                              "name")
 
 
@@ -134,7 +145,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise SystemExit(f"punica: error: cannot listen on {host}:{port} ({err.strerror})") \
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror})") \
             from err
     sock.set_inheritable(True)
     return sock
