@@ -190,7 +190,8 @@ def test_an_adapter_overflowing_in_use_fails_only_its_requests(family, expected,
     assert_no_leftovers(eng)
 
 
-def test_a_step_that_raises_fails_only_its_requests(family, expected, monkeypatch) -> None:
+def test_a_step_that_raises_fails_only_its_requests(family, expected, monkeypatch,
+                                                    caplog) -> None:
     base, adapters = family
     eng = loaded(base, adapters)
     real_forward = eng.model.forward
@@ -207,6 +208,8 @@ def test_a_step_that_raises_fails_only_its_requests(family, expected, monkeypatc
     done = {o.request_id: o for o in eng.step(updates=False)}
     assert isinstance(done["victim"].error, StepFailedError)
     assert "IndexError" in str(done["victim"].error) and eng.stats["step_failures"] == 1
+    logged = [r for r in caplog.records if "engine step failed" in r.getMessage()]
+    assert logged and logged[0].exc_info[0] is IndexError  # with its traceback
     add_unrelated(eng)
     assert_unrelated_exact(run(eng), expected)
     assert_no_leftovers(eng)

@@ -21,6 +21,7 @@ order. An `abort` that overtakes its `add` leaves a tombstone, and the `add` is 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import queue
 import threading
 from collections import Counter, OrderedDict
@@ -34,6 +35,7 @@ from punica.engine.sampling_params import SamplingParams
 from punica.errors import PunicaError
 from punica.server.engine_spec import EngineSpec, build_engine
 
+log = logging.getLogger(__name__)
 TOMBSTONES = 4096
 """Aborts remembered for adds that have not arrived yet (the oldest are forgotten)."""
 
@@ -171,6 +173,9 @@ class EngineWorker:
             if done is not None:
                 resume(self.engine, request_id, done)
         except Exception as err:  # noqa: BLE001 - the request's own failure
+            if not isinstance(err, PunicaError):
+                log.error("engine %d: adding %s failed", self.engine_id, request_id,
+                          exc_info=err)
             self.engine.abort(request_id)
             self._pending.failed.append((request_id, portable(err)))
 
@@ -188,6 +193,8 @@ class EngineWorker:
         try:
             outputs = self.engine.step()
         except Exception as err:  # noqa: BLE001 - fail this engine's requests, keep serving
+            log.critical("engine %d: step failed beyond recovery; failing its requests",
+                         self.engine_id, exc_info=err)
             for rid in self.engine.unfinished_ids():
                 self.engine.abort(rid)
                 self._pending.failed.append((rid, portable(err)))
@@ -204,8 +211,12 @@ class EngineWorker:
             news = False
             try:
                 while True:
-                    self._inbox.get(block=not busy and not news, timeout=0.5)()
+                    job = self._inbox.get(block=not busy and not news, timeout=0.5)
                     news = True
+                    try:
+                        job()
+                    except Exception:  # noqa: BLE001 - one job's bug must not stop the loop
+                        log.exception("engine %d: inbox job failed", self.engine_id)
             except queue.Empty:
                 pass
             if self.engine.has_unfinished():
