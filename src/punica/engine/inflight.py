@@ -34,39 +34,35 @@ class InFlight:
     tokens: torch.Tensor
     """[N] int64 on the device: the sampled tokens."""
     host: torch.Tensor
-    """[N] int64 on the host (pinned on CUDA): their copy, complete once `event` has fired."""
+    """[N] int64 on the host (pinned on CUDA): their copy, complete once `event` has fired
+    (-1 for a row whose logits were not finite)."""
     event: torch.cuda.Event | None
     raw_logprobs: torch.Tensor | None
     """[N, vocab] log-softmax when a row asks for logprobs."""
-    finite: torch.Tensor | None = None
-    """[N] bool on the host: whether the row's logits were all finite (its copy, with host)."""
 
     @classmethod
     def launch(cls, seqs: list[Sequence], tokens: torch.Tensor,
                raw_logprobs: torch.Tensor | None,
                finite: torch.Tensor | None = None) -> InFlight:
-        """Start the copies of the tokens (and of the rows' finiteness) to the host without
-        waiting for them."""
+        """Start the tokens' copy to the host without waiting for it. `finite` [N] bool: rows
+        whose logits were not all finite reach the host as -1 (one copy carries both)."""
         cuda = tokens.is_cuda
         host = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=cuda)
-        host.copy_(tokens, non_blocking=cuda)
-        finite_host = None
-        if finite is not None:
-            finite_host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=cuda)
-            finite_host.copy_(finite, non_blocking=cuda)
+        host.copy_(tokens if finite is None else torch.where(finite, tokens, -1),
+                   non_blocking=cuda)
         event = None
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        return cls(seqs, tokens, host, event, raw_logprobs, finite_host)
+        return cls(seqs, tokens, host, event, raw_logprobs)
 
     def wait(self) -> tuple[list[int], list[bool]]:
-        """(tokens, whether each row's logits were finite), once the copies are done."""
+        """(tokens, whether each row's logits were finite), once the copy is done; a row that
+        was not finite has token 0 here (it is failed, never appended)."""
         if self.event is not None:
             self.event.synchronize()
         ids = self.host.tolist()
-        finite = self.finite.tolist() if self.finite is not None else [True] * len(ids)
-        return ids, finite
+        return [max(t, 0) for t in ids], [t >= 0 for t in ids]
 
     def gather_index(self) -> dict[int, int]:
         """seq_id -> row of `tokens`, for the sequences holding a placeholder."""

@@ -372,7 +372,7 @@ class LLMEngine:
         t2 = time.perf_counter()
         st.forward_s += t2 - t1
         seqs = [s.seq for s in batch.sampled]
-        finite = torch.isfinite(logits).all(-1)
+        finite = torch.isfinite(logits.sum(-1))  # a NaN or inf anywhere in the row shows
         tokens, raw = sample_tokens(logits, [s.params for s in seqs],
                                     [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
                                     [self._generators[s.seq_id] for s in seqs], self.generator)
