@@ -76,3 +76,33 @@ def test_random_weights_server_with_random_adapters(tmp_path: Path) -> None:
     # No tokenizer, so no text: tokens still stream one chunk each, and the first comes first.
     multi = [r for r in result["per_request"] if r["tokens"] > 1]
     assert multi and all(r["ttft"] < r["e2e"] for r in multi)
+
+
+def test_a_stream_that_fails_midway_is_a_failure(server: Running) -> None:
+    """An error event inside a 200 stream (here: the adapter unloaded mid-stream) counts as a
+    failed request with its code, not as a success."""
+    import asyncio
+
+    import httpx
+
+    from punica.bench.serve import one
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def main() -> dict:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            r = await client.post("/v1/load_lora_adapter", headers=headers,
+                                  json={"lora_name": "doomed", "lora_path": "qv8"})
+            assert r.status_code == 200, r.text
+            run = asyncio.create_task(one(client, "doomed", [1, 2, 3], 58, headers))
+            for _ in range(2000):  # until it runs (at most ~10 s)
+                if "punica_requests_running 1.0" in (await client.get(
+                        "/metrics", headers=headers)).text:
+                    break
+                await asyncio.sleep(0.005)
+            await client.post("/v1/unload_lora_adapter", headers=headers,
+                              json={"lora_name": "doomed"})
+            return await run
+
+    result = asyncio.run(main())
+    assert result["error"] == 404.0 and "unloaded" in result["message"]

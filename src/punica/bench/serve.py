@@ -5,7 +5,8 @@
 
 Requests use token-id prompts (lengths from the Punica workload) and stream; TTFT, TPOT and
 end-to-end latency percentiles, throughput, failed requests by HTTP status (with one sample
-message) and each request's latencies go to serve.json, their distributions to serve.png.
+message; an error event inside a stream counts under its code, a stream that ends short of its
+max_tokens under 0) and each request's latencies go to serve.json, their distributions to serve.png.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ async def one(client: httpx.AsyncClient, model: str, prompt: list[int], max_toke
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # failed in the stream (the status was sent already)
+                return {"error": float(chunk["error"].get("code") or 500),
+                        "message": str(chunk["error"].get("message"))[:300]}
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk.get("choices"):
@@ -50,6 +54,8 @@ async def one(client: httpx.AsyncClient, model: str, prompt: list[int], max_toke
                 max_gap = max(max_gap, now - (last or now))
                 last = now
     end = time.perf_counter()
+    if tokens != max_tokens:  # ignore_eos: a whole answer has exactly max_tokens tokens
+        return {"error": 0.0, "message": f"{tokens} tokens, expected {max_tokens}"}
     ttft = (first or end) - start
     return {"ttft": ttft, "e2e": end - start, "tokens": tokens, "prompt": len(prompt),
             "tpot": (end - (first or end)) / max(tokens - 1, 1), "max_gap": max_gap}

@@ -4,7 +4,9 @@
 
 All requests are submitted at once; throughput counts (prompt + output tokens) / wall time as the
 paper does, and output tokens / wall time. Side by side in the same run: the engine with LoRA off
-(backbone only) and HF transformers + PEFT `generate(adapter_names=...)` on a few requests.
+(backbone only), and HF transformers + PEFT `generate(adapter_names=...)` on the workload's first
+--hf-requests requests (in padded batches of --hf-batch, real tokens counted) beside the engine on
+exactly those requests (row mix "hf-requests", with `vs_hf_peft`: its speed-up).
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def floor_report(engine: LLMEngine, requests: list[tuple[int, int]],
             "share_of_floor": floor / stats["wall_s"]}
 
 
+def same_requests_as_hf(engine: LLMEngine, sub: list[tuple[int, int]], names: dict[int, str],
+                        arch: object, rank: int, base: object,
+                        hf_row: dict[str, object]) -> dict[str, object]:
+    """The engine on exactly HF + PEFT's requests (Distinct adapters), and its speed-up."""
+    for i in range(len(sub)):
+        if names[i] not in engine.registry:
+            engine.add_lora_weights(random_adapter(names[i], arch, rank, shared=base))
+    adapters = [names[i] for i in range(len(sub))]
+    rehearse(engine, sub, adapters, arch.vocab_size, "hf requests")
+    stats = run_engine(engine, sub, adapters, arch.vocab_size, "hf requests")
+    return {"engine": "punica", "mix": "hf-requests", "cap": engine.config.scheduler.max_num_seqs,
+            **stats, "vs_hf_peft": stats["tok_s"] / hf_row["tok_s"]}
+
+
 def _breakdown(s: dict[str, float]) -> str:
     return (f"; per step: schedule {s['schedule_ms']:.2f} + forward {s['forward_ms']:.2f} + "
             f"sample/wait {s['sample_ms']:.2f} + finish {s['finish_ms']:.2f} ms over "
@@ -112,9 +128,12 @@ def memory_report(engine: LLMEngine) -> dict[str, float]:
 
 
 def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[int], rank: int,
-            device: torch.device, max_new: int) -> dict[str, float]:
-    """HF transformers + PEFT mixed-adapter generate on the same shape (random weights), one
-    padded batch, at most `max_new` new tokens (it runs at tens of tokens per second)."""
+            device: torch.device, batch: int) -> dict[str, float]:
+    """HF transformers + PEFT mixed-adapter generate on the same shape (random weights) over
+    the same requests as the engine: each request its own prompt length (left-padded in its
+    batch of `batch`) and output length (a batch generates its longest; the surplus is HF's
+    cost and is not counted). Throughput counts only real tokens: each request's prompt +
+    output, as for the engine."""
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -123,7 +142,7 @@ def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[i
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size,
                       intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
                       num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
-                      max_position_embeddings=a.max_position_embeddings)
+                      max_position_embeddings=a.max_position_embeddings, pad_token_id=0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.float16)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -134,20 +153,29 @@ def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[i
         model.add_adapter(name, PeftLora(r=rank, lora_alpha=2 * rank, target_modules=targets,
                                          init_lora_weights=False))
     model = model.to(device=device, dtype=torch.float16).eval()
-    prompt_len = max(p for p, _ in requests)
-    new = min(max_new, max(o for _, o in requests))
-    ids = torch.randint(1, a.vocab_size, (len(requests), prompt_len), device=device)
+    real, generated = 0, 0
     start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                       min_new_tokens=new, do_sample=False,
-                       adapter_names=[f"a{i}" for i in adapter_ids])
+    for lo in range(0, len(requests), batch):
+        chunk, ids_of = requests[lo:lo + batch], adapter_ids[lo:lo + batch]
+        width, new = max(p for p, _ in chunk), max(o for _, o in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, (p, _) in enumerate(chunk):  # left padding, as generate expects
+            ids[row, width - p:] = torch.randint(1, a.vocab_size, (p,), device=device)
+            mask[row, width - p:] = 1
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False,
+                           adapter_names=[f"a{i}" for i in ids_of])
+        real += sum(p + o for p, o in chunk)
+        generated += sum(o for _, o in chunk)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    total = len(requests) * (prompt_len + new)
-    return {"wall_s": wall, "tok_s": total / wall, "output_tok_s": len(requests) * new / wall,
-            "requests": len(requests), "note": f"padded batch: {prompt_len} prompt + {new} new"}
+    return {"wall_s": wall, "tok_s": real / wall, "output_tok_s": generated / wall,
+            "requests": len(requests),
+            "note": f"the engine's first {len(requests)} requests, batches of {batch}, "
+                    "left-padded; real tokens only"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-requests", type=int, default=8, help="0 skips HF + PEFT")
     ap.add_argument("--lora-off-baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the same requests with LoRA off after each cap's mixes")
-    ap.add_argument("--hf-max-new", type=int, default=64, help="new tokens per HF request")
+    ap.add_argument("--hf-batch", type=int, default=4,
+                    help="HF + PEFT batch size (its requests padded to the longest)")
     ap.add_argument("--rehearsal", action=argparse.BooleanOptionalAction, default=True,
                     help="before each timed run, the same requests untimed with one output "
                     "token each (Triton compiles out of the timed run)")
@@ -199,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf_requests:
         sub = requests[: args.hf_requests]
         ids = list(range(len(sub)))
-        rows.append({"engine": "hf+peft", "mix": "distinct", "cap": len(sub),
-                     **hf_peft(args.arch, sub, ids, args.rank, device, args.hf_max_new)})
+        rows.append({"engine": "hf+peft", "mix": "distinct", "cap": args.hf_batch,
+                     **hf_peft(args.arch, sub, ids, args.rank, device, args.hf_batch)})
         save()
         gc.collect()  # the HF model's memory goes back before the engine sizes its KV pool
         if device.type == "cuda":
@@ -217,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             model=model)
         warmup_s = engine.warmup()  # graph captures stay out of the timed runs
         names = {i: f"a{i}" for i in range(args.num_requests)}
+        if args.hf_requests and not any(r["mix"] == "hf-requests" for r in rows):
+            rows.append(same_requests_as_hf(engine, requests[: args.hf_requests], names, arch,
+                                            args.rank, base, rows[0]))
+            save()
         for mix in args.mixes.split(",") + (["no-lora"] if args.lora_off_baseline else []):
             ids = adapter_of_requests("identical" if mix == "no-lora" else mix, len(requests))
             for i in sorted(set(ids)):
