@@ -18,15 +18,23 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto",
-                 max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 block_size: int = 16, kv_cache_bytes: int = 256 << 20,
-                 num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, seed: int = 0,
-                 allow_pickle: bool = False, attention_backend: str = "auto",
-                 enforce_eager: bool = False, shrink_beside_gemm: bool = True,
-                 decode_split_tokens: int = 512) -> None:
+    def __init__(self, model: str, dtype: str = ModelConfig.dtype,
+                 device: str = ModelConfig.device, max_loras: int = LoraConfig.max_loras,
+                 max_lora_rank: int = LoraConfig.max_lora_rank,
+                 max_cpu_loras: int | None = LoraConfig.max_cpu_loras,
+                 max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                 max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+                 block_size: int = CacheConfig.block_size,
+                 kv_cache_bytes: int = CacheConfig.kv_cache_bytes,
+                 num_kv_blocks: int | None = CacheConfig.num_blocks,
+                 gpu_memory_utilization: float = CacheConfig.gpu_memory_utilization,
+                 max_model_len: int | None = ModelConfig.max_model_len,
+                 seed: int = ModelConfig.seed, allow_pickle: bool = LoraConfig.allow_pickle,
+                 attention_backend: str = ModelConfig.attention_backend,
+                 enforce_eager: bool = ModelConfig.enforce_eager,
+                 shrink_beside_gemm: bool = LoraConfig.shrink_beside_gemm,
+                 decode_split_tokens: int = ModelConfig.decode_split_tokens) -> None:
+        """Every default is its config field's (punica.config): one place sets each."""
         self.engine = LLMEngine(EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, seed, attention_backend,
                               enforce_eager, decode_split_tokens),

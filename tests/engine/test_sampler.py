@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from punica.engine.sampler import apply_penalties, filter_logits, sample
+from punica.engine.sampler import apply_penalties, filter_logits, logprobs_of, sample_tokens
 from punica.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Sampled:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+           output_ids: list[list[int]], generators: list[torch.Generator | None],
+           default_generator: torch.Generator | None = None) -> Sampled:
+    """sample_tokens, then the tokens and their logprobs on the host (as the engine does)."""
+    tokens, raw = sample_tokens(logits, params, prompt_ids, output_ids, generators,
+                                default_generator)
+    ids = tokens.tolist()
+    return Sampled(ids, logprobs_of(raw, ids, params))
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
 

@@ -6,17 +6,9 @@ is batched with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from punica.engine.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class SampleResult:
-    token_ids: list[int]
-    logprobs: list[dict[int, float] | None]
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
@@ -103,16 +95,6 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
     sampled = (probs / _exponential_noise(probs, generators, default_generator)).argmax(-1)
     is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     return torch.where(is_greedy, greedy_ids, sampled), raw_logprobs
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
-           output_ids: list[list[int]], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> SampleResult:
-    """sample_tokens, then the tokens and their logprobs on the host (one sync)."""
-    tokens, raw = sample_tokens(logits, params, prompt_ids, output_ids, generators,
-                                default_generator)
-    ids = tokens.tolist()
-    return SampleResult(ids, logprobs_of(raw, ids, params))
 
 
 def logprobs_of(logprobs: torch.Tensor | None, tokens: list[int],

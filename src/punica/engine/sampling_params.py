@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from punica.errors import InvalidRequestError
 
@@ -35,7 +35,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """Also return the logprob of the sampled token and of the top `logprobs` tokens."""
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -6,7 +6,6 @@ Supported: Llama 2/3 (rope_scaling none / linear / llama3), Mistral (no sliding 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +108,3 @@ def load_arch(model_dir: str | Path) -> ModelArch:
     except (ValueError, OSError, KeyError) as err:
         raise ModelLoadError(f"{path}/config.json: {err}") from err
     return arch_from_config(cfg)
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and math.log2(n).is_integer()
