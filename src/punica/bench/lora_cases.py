@@ -87,9 +87,17 @@ def build(case: Case, in_f: int, out_f: int, dtype: torch.dtype, l2_bytes: int,
 
 
 def ours(b: Bench, c: Call, shrink: lora.ShrinkConfig | None = None,
-         expand: lora.ExpandConfig | None = None, reduce: bool = False) -> None:
+         expand: lora.ExpandConfig | None = None, reduce: bool = False,
+         pdl: bool = True) -> None:
     """Punica's SGMV: shrink + expand (default launch configs unless given; `reduce`: the
-    partials summed inside the shrink)."""
+    partials summed inside the shrink; `pdl=False`: neither kernel launched with programmatic
+    dependent launch, the default configs otherwise)."""
+    if not pdl:
+        T, R = c.x.shape[0], b.A.shape[1]
+        shrink = dataclasses.replace(
+            shrink or lora.shrink_config(T, c.slots.numel(), c.x.shape[1], R), use_pdl=False)
+        expand = dataclasses.replace(
+            expand or lora.expand_config(T, c.slots.numel(), c.y.shape[1], R), use_pdl=False)
     if expand is None and (shrink is None or reduce):
         if reduce:
             T, R = c.x.shape[0], b.A.shape[1]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -71,9 +70,8 @@ def measure(case: lc.Case, copy_tbps: float, l2_bytes: int, in_f: int = IN_F,
     row["ours_graph_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
     row["ours_graph_reduce_us"] = graph_us([lambda c=c: lc.ours(b, c, reduce=True)
                                             for c in b.calls])
-    os.environ["PUNICA_DISABLE_PDL"] = "1"
-    row["ours_graph_nopdl_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
-    del os.environ["PUNICA_DISABLE_PDL"]
+    row["ours_graph_nopdl_us"] = graph_us([lambda c=c: lc.ours(b, c, pdl=False)
+                                           for c in b.calls])
     for family, shrink, expand in forced_pairs(case, b.num_adapters, in_f, out_f):
         row[f"ours_graph_{family}_us"] = graph_us([_bind(lc.ours, b, c, shrink, expand)
                                                    for c in b.calls])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +49,7 @@ def _use_pdl(flag: bool | None, device: torch.device) -> bool:
     if flag and not supported:
         raise ValueError("use_pdl: expected a device of compute capability >= 9.0 (Hopper), "
                          f"got {torch.cuda.get_device_name(device)}")
-    return supported and os.environ.get("PUNICA_DISABLE_PDL", "0") != "1"
+    return supported
 
 
 def _launch_opts(config: ShrinkConfig | ExpandConfig, pdl: bool) -> dict[str, object]:
