@@ -147,6 +147,28 @@ def test_a_failed_fill_leaves_no_foreign_slot(family, expected, monkeypatch) -> 
     assert_no_leftovers(eng)
 
 
+def test_a_failed_fill_does_not_fail_the_request_waiting_behind_it(family, expected,
+                                                                   monkeypatch) -> None:
+    """One slot: t's request takes it, b's waits; t's fill fails. The step then runs nothing,
+    and b's request must not be taken for one that can never run: it runs next."""
+    base, adapters = family
+    eng = loaded(base, adapters, max_loras=1)
+
+    def refuse_t(slot: int, weights: object) -> None:
+        if weights.name == "t":
+            raise OSError("simulated fill failure")
+        real_load(slot, weights)
+
+    real_load = eng.lora_pool.load
+    monkeypatch.setattr(eng.lora_pool, "load", refuse_t)
+    eng.add_request("t1", [1, 2, 3], GREEDY, "t")
+    eng.add_request("u-b", UNRELATED[2][1], GREEDY, "b")
+    done = run(eng)
+    assert isinstance(done["t1"].error, AdapterLoadError)
+    assert done["u-b"].error is None and done["u-b"].token_ids == expected["u-b"]
+    assert_no_leftovers(eng)
+
+
 def test_files_changed_on_disk_are_refused_not_mixed(family, expected, tmp_path) -> None:
     base, adapters = family
     copy = Path(shutil.copytree(adapters["t"], tmp_path / "t"))

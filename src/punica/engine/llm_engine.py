@@ -298,6 +298,7 @@ class LLMEngine:
             self._step_seqs = list(prev.seqs)
             self._reserve(prev)
         out = self.scheduler.schedule()
+        stuck = not out.scheduled  # before fills that fail drop their requests from the step
         self._step_seqs += [s.seq for s in out.scheduled]
         self._fill_slots(out)
         if out.scheduled:
@@ -306,7 +307,7 @@ class LLMEngine:
                 self._inflight = launched
             else:
                 touched |= self._settle(launched)
-        elif prev is None and not touched:
+        elif stuck and prev is None and not touched:
             self._unstick()
         if prev is not None:
             touched |= self._settle(prev)
@@ -433,10 +434,13 @@ class LLMEngine:
         return touched
 
     def _unstick(self) -> None:
-        """Nothing could be scheduled: fail the head request rather than hang."""
+        """Nothing could be scheduled with nothing running: the head request can never run
+        (it needs more than the whole KV pool): fail it rather than hang."""
         if self.scheduler.waiting and not self.scheduler.running:
             seq = self.scheduler.waiting[0]
-            self.scheduler.finish(seq, "error")
+            self._fail_request(seq.request_id, CapacityError(
+                f"this request needs {seq.num_tokens} tokens of KV cache, more than the engine "
+                "can ever give one request"))
 
     def _collect_finished(self) -> list[RequestOutput]:
         done = []
