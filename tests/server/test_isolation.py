@@ -41,6 +41,16 @@ BAD_BODIES = [
     {"model": "tiny-llama", "prompt": ["x"] * 1000},
     {"model": "tiny-llama", "prompt": [10**30]},
     {"model": "nope", "prompt": "x"},
+    {"model": "tiny-llama", "prompt": "x", "top_k": 2**64},  # once failed the whole batch
+    {"model": "tiny-llama", "prompt": "x", "max_tokens": "3"},  # types are strict
+    {"model": "tiny-llama", "prompt": "x", "n": True},
+    {"model": "tiny-llama", "prompt": [True, False]},
+    {"model": "tiny-llama", "prompt": "x", "stream_options": {"include_usage": True}},
+    {"model": "tiny-\udcff", "prompt": "x"},
+    {"model": "tiny-llama", "prompt": "x", "stop_token_ids": [10**6]},
+    {"model": "tiny-llama", "prompt": "x " * 200_000},  # cannot fit: refused untokenised
+    {"model": "tiny-llama", "messages": [{"role": "assistant", "content": "x",
+                                          "tool_calls": [{"id": "1"}]}]},
 ]
 
 
@@ -191,9 +201,24 @@ async def huge_body(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", headers=HEADERS, content=body)
     assert_error(r, 413)
 
+    async def chunked() -> object:  # no Content-Length: counted as it arrives
+        for _ in range(40):
+            yield b"x" * 65536
+    r = await client.post("/v1/completions", headers=HEADERS, content=chunked())
+    assert_error(r, 413)
+    r = await client.post("/v1/completions", content=b"{}" * 100)  # no key: 401 (the body
+    assert_error(r, 401)                                           # is not parsed)
+    r = await client.post("/v1/completions", headers={**HEADERS, "Content-Encoding": "gzip"},
+                          content=b"{}")
+    assert_error(r, 415)
+
+
+BAD_ADAPTERS = ("not-object", "bad-regex", "zero-d", "symlink-out", "fifo", "redos",
+                "rank-mismatch", "dup-key")
+
 
 async def bad_adapter_dirs(client: httpx.AsyncClient) -> None:
-    for name in ("not-object", "bad-regex", "zero-d", "symlink-out", "fifo"):
+    for name in BAD_ADAPTERS:
         r = await client.post("/v1/load_lora_adapter", headers=HEADERS,
                               json={"lora_name": name, "lora_path": f"bad/{name}"})
         assert_error(r, 400)
@@ -201,7 +226,7 @@ async def bad_adapter_dirs(client: httpx.AsyncClient) -> None:
 
 def make_bad_adapters(root: Path, good: Path) -> None:
     bad = root / "bad"
-    for name in ("not-object", "bad-regex", "zero-d", "symlink-out", "fifo"):
+    for name in BAD_ADAPTERS:
         shutil.copytree(good, bad / name, dirs_exist_ok=True)
     (bad / "not-object" / "adapter_config.json").write_text("[1, 2]")
     cfg = json.loads((good / "adapter_config.json").read_text())
@@ -215,6 +240,14 @@ def make_bad_adapters(root: Path, good: Path) -> None:
     (bad / "symlink-out" / "adapter_model.safetensors").symlink_to(outside)
     (bad / "fifo" / "adapter_config.json").unlink()
     os.mkfifo(bad / "fifo" / "adapter_config.json")
+    # matched on the engine thread, this once froze the server for hours
+    (bad / "redos" / "adapter_config.json").write_text(json.dumps(
+        cfg | {"alpha_pattern": {"(.|.)*!": 8}}))
+    (bad / "rank-mismatch" / "adapter_config.json").write_text(json.dumps(cfg | {"r": 4}))
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_A" in k)
+    save_file(tensors | {key.replace(".weight", ".default.weight"): tensors[key].clone()},
+              str(bad / "dup-key" / "adapter_model.safetensors"))
 
 
 CASES: dict[str, BadAction] = {

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from punica.cluster.engine_worker import CallResult, EngineInfo
 from punica.engine.llm_engine import LLMEngine
+from punica.engine.sampling_params import SamplingParams
 from punica.engine.stops import StopChecker
 from punica.errors import AdapterInUseError, AdapterNotFoundError
 
@@ -40,8 +41,9 @@ class ClusterModel:
         """Adapters every live engine holds (what requests may name)."""
         return self._adapters
 
-    def validate(self, prompt_ids: list[int], adapter: str | None) -> None:
-        self._stops.validate_prompt(prompt_ids, self.vocab_size)
+    def validate(self, prompt_ids: list[int], adapter: str | None,
+                 params: SamplingParams | None = None) -> None:
+        self._stops.validate_prompt(prompt_ids, self.vocab_size, params)
         if adapter is not None and adapter not in self._adapters:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
 

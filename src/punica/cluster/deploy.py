@@ -163,7 +163,8 @@ def run_cluster(ns: argparse.Namespace) -> int:
         print(f"punica: serving {settings.served_model_name} from {ns.num_engines} engines "
               f"({gpus} GPU each) with adapters {cluster.engine.list_loras()} on "
               f"http://{ns.host}:{ns.port}", flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None)).run(
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None,
+                                      limit_concurrency=ns.max_connections)).run(
             sockets=[sock])
     finally:
         if cluster is not None:

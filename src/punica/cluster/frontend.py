@@ -154,7 +154,7 @@ class ClusterEngine:
             raise EngineUnavailableError("no engine of the cluster is alive")
         if self.in_flight + params.n > self.max_in_flight:
             raise OverloadedError(f"server overloaded: {self.in_flight} sequences in flight")
-        self.engine.validate(prompt_ids, adapter)
+        self.engine.validate(prompt_ids, adapter, params)
         rid = f"req-{next(self._ids)}"
         self._streams[rid] = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._post(self._submit, rid, list(prompt_ids), params, adapter)

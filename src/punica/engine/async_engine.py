@@ -84,7 +84,7 @@ class AsyncEngine:
         """
         if self.in_flight + params.n > self.max_in_flight:
             raise OverloadedError(f"server overloaded: {self.in_flight} sequences in flight")
-        self.engine.validate(prompt_ids, adapter)  # read-only checks, safe from this thread
+        self.engine.validate(prompt_ids, adapter, params)  # read-only, safe from this thread
         rid = f"req-{next(self._ids)}"
         self._streams[rid] = _Stream(asyncio.get_running_loop(), asyncio.Queue(), adapter,
                                      len(prompt_ids), time.perf_counter(), params.n)

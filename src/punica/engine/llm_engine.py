@@ -193,7 +193,7 @@ class LLMEngine:
     # Requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     adapter: str | None = None) -> None:
-        self.validate(prompt_ids, adapter)
+        self.validate(prompt_ids, adapter, params)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seqs = []
@@ -240,9 +240,10 @@ class LLMEngine:
     def unfinished_ids(self) -> list[str]:
         return list(self._requests)
 
-    def validate(self, prompt_ids: list[int], adapter: str | None) -> None:
+    def validate(self, prompt_ids: list[int], adapter: str | None,
+                 params: SamplingParams | None = None) -> None:
         """The checks add_request makes, without adding (for callers on another thread)."""
-        self.stops.validate_prompt(prompt_ids, self.arch.vocab_size)
+        self.stops.validate_prompt(prompt_ids, self.arch.vocab_size, params)
         if adapter is not None and self.lora_pool is None:
             raise AdapterNotFoundError(f"adapter {adapter!r}: LoRA is disabled (max_loras=0)")
         if adapter is not None and adapter not in self.registry:

@@ -47,8 +47,8 @@ class SamplingParams:
         _check(0.0 <= self.temperature <= 100.0, "temperature", "a number in [0, 100]",
                self.temperature)
         _check(0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k",
-               "-1, 0 (off) or a positive integer", self.top_k)
+        _check(isinstance(self.top_k, int) and -1 <= self.top_k < 2**31, "top_k",
+               "-1, 0 (off) or a positive integer below 2^31", self.top_k)
         _check(0.0 <= self.min_p <= 1.0, "min_p", "a number in [0, 1]", self.min_p)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -60,8 +60,8 @@ class SamplingParams:
                f"None or an integer in [-2^63, 2^63 - n] (n = {self.n})", self.seed)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", "non-negative integers", self.stop_token_ids)
+        _check(all(isinstance(t, int) and 0 <= t < 2**31 for t in self.stop_token_ids),
+               "stop_token_ids", "integers in [0, 2^31)", self.stop_token_ids)
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs
                                          <= 20), "logprobs", "None or an integer in [0, 20]",
                self.logprobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from punica.engine.sampling_params import SamplingParams
 from punica.engine.sequence import Sequence
 from punica.errors import InvalidRequestError, PromptTooLongError
 from punica.tokens import IncrementalDetokenizer
@@ -15,13 +16,17 @@ class StopChecker:
         self.max_model_len = max_model_len
         self._detok: dict[int, IncrementalDetokenizer] = {}
 
-    def validate_prompt(self, prompt_ids: list[int], vocab_size: int) -> None:
+    def validate_prompt(self, prompt_ids: list[int], vocab_size: int,
+                        params: SamplingParams | None = None) -> None:
         if not prompt_ids:
             raise InvalidRequestError("prompt: expected at least one token, got an empty prompt")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt: token ids must be integers in [0, {vocab_size}),"
                                       f" got {bad[:4]}")
+        if params is not None and any(t >= vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids: token ids must be below {vocab_size}, "
+                                      f"got {list(params.stop_token_ids)[:4]}")
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt: {len(prompt_ids)} tokens, but max_model_len is "
                                      f"{self.max_model_len} (the prompt must leave room for at "

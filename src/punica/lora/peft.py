@@ -122,17 +122,72 @@ def _number(value: object) -> bool:
         math.isfinite(value)
 
 
+MAX_PATTERNS, MAX_PATTERN_CHARS, MAX_REPEATS = 4096, 256, 3
+"""Bounds of an alpha_pattern / rank_pattern: entries, characters per regex, and unbounded
+repeats per regex (a module name is short, but k repeats in a row can take n^k steps)."""
+
+
+def _backtracks(tree: object) -> bool:
+    """Whether a parsed regex repeats something that itself repeats or branches (the shapes
+    whose matching can take exponential time: (a+)+, (a|a)*)."""
+    from re import _constants as c
+    from re import _parser
+
+    def inner(items: object, under_repeat: bool) -> bool:
+        for op, arg in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+                if under_repeat or inner(arg[2], True):
+                    return True
+            elif op is c.BRANCH:
+                if under_repeat or any(inner(b, under_repeat) for b in arg[1]):
+                    return True
+            elif op in (c.SUBPATTERN, c.ATOMIC_GROUP):
+                if inner(arg[-1], under_repeat):
+                    return True
+            elif op in (c.ASSERT, c.ASSERT_NOT) and inner(arg[1], under_repeat):
+                return True
+        return False
+
+    def repeats(items: object) -> int:  # unbounded repeats anywhere: a.*b.*c.* is O(n^3)
+        n = 0
+        for op, arg in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+                n += (arg[1] == c.MAXREPEAT) + repeats(arg[2])
+            elif op is c.BRANCH:
+                n += sum(repeats(b) for b in arg[1])
+            elif op in (c.SUBPATTERN, c.ATOMIC_GROUP):
+                n += repeats(arg[-1])
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                n += repeats(arg[1])
+        return n
+
+    return isinstance(tree, _parser.SubPattern) and (inner(tree, False) or
+                                                     repeats(tree) > MAX_REPEATS)
+
+
 def _patterns(path: Path, cfg: dict, key: str, value_ok: object) -> dict[re.Pattern, object]:
+    """A PEFT pattern table, each regex checked: valid, short, and without nested repeats or
+    repeated alternations (matched on the engine's thread, a regex must not backtrack for
+    long: `(a+)+$` is refused)."""
+    from re import _parser
+
     raw = cfg.get(key) or {}
-    if not isinstance(raw, dict):
-        raise _fail(path, f"{key}: expected an object, got {type(raw).__name__}")
+    if not isinstance(raw, dict) or len(raw) > MAX_PATTERNS:
+        raise _fail(path, f"{key}: expected an object of at most {MAX_PATTERNS} entries")
     out = {}
     for pattern, value in raw.items():
         if not value_ok(value):
             raise _fail(path, f"{key}[{pattern!r}]: invalid value {value!r}")
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise _fail(path, f"{key}: a pattern of {len(pattern)} characters (at most "
+                              f"{MAX_PATTERN_CHARS})")
         try:
+            if _backtracks(_parser.parse(pattern)):
+                raise _fail(path, f"{key}: {pattern!r} repeats a repetition or an alternation, "
+                                  f"or has more than {MAX_REPEATS} unbounded repeats (it could "
+                                  "take very long to match)")
             out[re.compile(rf"(?:^|\.){pattern}$")] = value
-        except re.error as err:
+        except (re.error, RecursionError, OverflowError) as err:
             raise _fail(path, f"{key}: {pattern!r} is not a valid regular expression "
                               f"({err})") from err
     return out
@@ -166,6 +221,13 @@ def parse_config(path: Path, data: bytes) -> dict:
     if not isinstance(cfg.get("use_rslora", False), bool):
         raise _fail(path, f"use_rslora: expected true or false, got {cfg['use_rslora']!r}")
     cfg["_alpha_pattern"] = _patterns(path, cfg, "alpha_pattern", _number)
+    cfg["_rank_pattern"] = _patterns(path, cfg, "rank_pattern", lambda v: isinstance(v, int)
+                                     and not isinstance(v, bool) and v >= 1)
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise _fail(path, f"target_modules: expected a string or a list of strings, got "
+                          f"{targets!r}"[:300])
     return cfg
 
 
@@ -234,7 +296,11 @@ def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
             raise _fail(path, f"weight {key!r} is not a LoRA A/B of q, k, v, o, gate, up or "
                               "down projections (embeddings, lm_head and others are refused)")
         layer, proj, half = int(match[1]), match[2], match[3]
-        halves.setdefault((layer, proj), {})[half] = value
+        pair = halves.setdefault((layer, proj), {})
+        if half in pair:
+            raise _fail(path, f"layer {layer} {proj}_proj: two lora_{half} tensors ({key!r} "
+                              "and another)")
+        pair[half] = value
     modules = {}
     for (layer, proj), pair in sorted(halves.items()):
         modules[(layer, proj)] = _module(path, cfg, arch, max_rank, layer, proj, pair, dtype)
@@ -268,6 +334,14 @@ def _module(path: Path, cfg: dict, arch: ModelArch, max_rank: int, layer: int, p
         raise _fail(path, f"{where}: rank {rank} exceeds max_lora_rank {max_rank}")
     module = f"model.layers.{layer}.{'mlp' if proj in ('gate', 'up', 'down') else 'self_attn'}" \
              f".{proj}_proj"
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list) and not any(module == t or module.endswith("." + t)
+                                             for t in targets):
+        raise _fail(path, f"{where}: has weights but is not among target_modules {targets}")
+    want = _pattern_value(cfg["_rank_pattern"], module, cfg["r"])
+    if rank != want:
+        raise _fail(path, f"{where}: lora_A has rank {rank}, the config (r / rank_pattern) says "
+                          f"{want}")
     alpha = _pattern_value(cfg["_alpha_pattern"], module, cfg.get("lora_alpha", cfg["r"]))
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     if not math.isfinite(scale) or abs(scale) > FP32_MAX:

@@ -9,7 +9,6 @@ with a traceback) included; 429/503 carry Retry-After.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -21,7 +20,7 @@ import punica
 from punica.engine.async_engine import AsyncEngine
 from punica.errors import InvalidRequestError, PunicaError
 from punica.server import formatting as fmt
-from punica.server.limits import DISCONNECTED, BodyLimit
+from punica.server.limits import DISCONNECTED, RequestGate
 from punica.server.metrics import Metrics
 from punica.server.protocol import (
     ChatCompletionRequest,
@@ -38,10 +37,18 @@ OPEN_PATHS = ("/health", "/version")
 
 
 def error_response(message: str, status: int, param: str | None = None,
-                   retry_after_s: int = 1) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
+                   retry_after_s: int = 1, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    """OpenAI's error body; text a client sent (a lone surrogate in a name, say) is escaped so
+    that the answer can always be encoded."""
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers["Retry-After"] = str(retry_after_s)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if param is not None:
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(fmt.error_body(message, status, param), status_code=status,
-                        headers=headers)
+                        headers=headers or None)
 
 
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
@@ -77,23 +84,16 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(str(err.detail), err.status_code, retry_after_s=retry)
+        return error_response(str(err.detail), err.status_code, retry_after_s=retry,
+                              headers=err.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
         log.exception("unexpected error answering %s %s", request.method, request.url.path)
         return error_response(f"internal server error ({type(err).__name__})", 500)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next: object) -> object:
-        key = settings.api_key
-        if key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return error_response("invalid or missing API key", 401)
-        return await call_next(request)
-
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGate, max_bytes=settings.max_body_bytes,
+                       api_key=settings.api_key, open_paths=OPEN_PATHS)
 
     @app.get("/health")
     async def health() -> object:
@@ -144,7 +144,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
                 "failed_requests": len(failed or [])}
 
     def left(request: Request) -> Callable[[], Awaitable[bool]]:
-        """Whether the client has gone (BodyLimit watches the connection)."""
+        """Whether the client has gone (RequestGate watches the connection)."""
         gone = request.scope.get(DISCONNECTED)
 
         async def check() -> bool:

@@ -2,8 +2,9 @@
 
 Unknown fields are ignored (clients send vendor extras), but OpenAI fields that change what a
 request means and that Punica does not implement (tools, logit_bias, response formats, ...) are
-refused with 400 when set: nothing is silently dropped. Strings must be valid Unicode (a lone
-surrogate is refused here, before any tokenizer sees it).
+refused with 400 when set: nothing is silently dropped. Types are strict (no "3" for 3, no true
+for 1, no 2.0 for an integer). Strings must be valid Unicode (a lone surrogate is refused here,
+before any tokenizer sees it).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def check_text(value: str, param: str) -> str:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -57,11 +58,12 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     # Extensions (vLLM's names)
-    top_k: int = -1
+    top_k: int = Field(-1, ge=-1, lt=2**31)
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=list,
+                                                                       max_length=64)
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Sampling:
@@ -77,7 +79,14 @@ class _Sampling(BaseModel):
         best_of = extra.get("best_of")
         if best_of is not None and best_of != self.n:
             raise InvalidRequestError("best_of: not supported (use n)")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options: only allowed when stream is true")
         return self
+
+    @field_validator("model", "user")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        return value if value is None else check_text(value, "model/user")
 
     @field_validator("stop")
     @classmethod
@@ -118,16 +127,25 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[TextPart], Field(min_length=1)]
     name: str | None = Field(None, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools(cls, value: object) -> object:
+        if isinstance(value, dict):
+            for key in ("tool_calls", "tool_call_id", "function_call", "audio"):
+                if value.get(key) is not None:
+                    raise InvalidRequestError(f"messages: {key} is not supported by this server")
+        return value
 
     @field_validator("content", mode="before")
     @classmethod
@@ -155,7 +173,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class LoadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     lora_name: str
     lora_path: str = Field(max_length=4096)
     replace: bool = False
@@ -168,7 +186,7 @@ class LoadLoraRequest(BaseModel):
 
 
 class UnloadLoraRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     lora_name: str = Field(max_length=128)
     lora_path: str | None = None
 

@@ -82,6 +82,9 @@ async def run_completion(srv: Server, body: CompletionRequest,
     if len(texts) > srv.settings.max_prompts:
         raise RequestTooLargeError(f"prompt: at most {srv.settings.max_prompts} prompts per "
                                    f"request, got {len(texts)}")
+    for text in texts:
+        if isinstance(text, str):
+            srv.check_chars([text], "prompt")
     prompts = await srv.off_loop(lambda: [srv.encode(p) for p in texts])
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
     params = body.sampling_params(max_tokens, body.logprobs)
@@ -121,6 +124,7 @@ def chat_prompt(srv: Server, body: ChatCompletionRequest) -> list[int]:
 async def run_chat(srv: Server, body: ChatCompletionRequest,
                    disconnected: Disconnected | None = None) -> object:
     adapter = srv.adapter_of(body.model)
+    srv.check_chars([m.text() for m in body.messages], "messages")
     prompt = await srv.off_loop(lambda: chat_prompt(srv, body))
     max_tokens = body.max_completion_tokens or body.max_tokens or max(
         1, srv.max_model_len - len(prompt))

@@ -52,6 +52,8 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
                     help="most prompts in one completions request")
     ap.add_argument("--max-request-bytes", type=int, default=8 << 20,
                     help="largest request body (413 above it)")
+    ap.add_argument("--max-connections", type=int, default=4096,
+                    help="open connections before new ones get 503 (slow clients hold one)")
     ap.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     ap.add_argument("--dtype", default="auto")
@@ -176,7 +178,7 @@ def serve(ns: argparse.Namespace) -> int:
     metrics = Metrics(engine)
     async_engine = AsyncEngine(engine, ns.max_in_flight, observer=metrics.observe)
     config = uvicorn.Config(create_app(async_engine, settings, metrics), log_level="warning",
-                            log_config=None)
+                            log_config=None, limit_concurrency=ns.max_connections)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -45,6 +45,16 @@ class Server:
         self._ids = itertools.count()
         self._cpu = ThreadPoolExecutor(1, thread_name_prefix="punica-tokenize")
         """Tokenising and chat templates run here, one at a time, off the event loop."""
+        self.max_prompt_chars = _max_prompt_chars(self.tokenizer, self.max_model_len)
+        """Longer text cannot fit max_model_len whatever it tokenises to: refused before the
+        tokenizer spends time on it (a flood of huge prompts would stall everyone's)."""
+
+    def check_chars(self, texts: list[str], param: str) -> None:
+        total = sum(len(t) for t in texts)
+        if total > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{param}: {total} characters cannot fit this model's maximum context length "
+                f"of {self.max_model_len} tokens")
 
     async def off_loop(self, fn: Callable[[], T]) -> T:
         """fn() on the tokenizer thread (the event loop keeps serving meanwhile)."""
@@ -73,6 +83,20 @@ class Server:
 
     def next_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
+
+
+def _max_prompt_chars(tokenizer: object | None, max_model_len: int) -> int:
+    """4 x max_model_len x the longest token's text. Text longer than max_model_len x longest
+    cannot fit in max_model_len tokens (a token's string is at least as long as the text it
+    decodes to), unless the tokenizer drops characters (whitespace); the factor 4 leaves room
+    for that, and still bounds what one request makes the tokenizer do."""
+    if tokenizer is None:
+        return 1 << 62
+    try:
+        longest = max(len(t) for t in tokenizer.get_vocab())
+    except (AttributeError, TypeError, ValueError):
+        return 1 << 62
+    return 4 * max_model_len * max(longest, 1)
 
 
 def prompt_list(raw: str | list) -> list[str | list[int]]:
