@@ -184,7 +184,11 @@ def test_killed_engine_loses_no_request(local_ray: None, spec: EngineSpec,
         rids.extend(cluster.open(p, greedy(50), None) for p in prompts)
         streams = [cluster.stream(r) for r in rids]
         firsts = [[await s.__anext__()] for s in streams]  # every request is under way
-        ray.kill(cluster.actors[0])  # holds the first two requests
+        # Hold engine 0's thread (its requests cannot finish meanwhile), then kill it: it holds
+        # the first two requests, unfinished, whatever the machine's speed.
+        cluster.actors[0].call.remote(lambda e: time.sleep(30))
+        await asyncio.sleep(0.5)
+        ray.kill(cluster.actors[0])
 
         async def rest(stream: object) -> list[RequestOutput]:
             return [out async for out in stream]

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import punica
 from punica.engine.async_engine import AsyncEngine
-from punica.errors import InvalidRequestError, PunicaError
+from punica.errors import AdapterLoadError, InvalidRequestError, PunicaError
 from punica.server import formatting as fmt
 from punica.server.limits import DISCONNECTED, RequestGate
 from punica.server.metrics import Metrics
@@ -55,6 +55,8 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     first = err.errors()[0] if err.errors() else {}
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', '')})", None
+    if tuple(first.get("loc", ())) == ("body",):
+        return "the body must be a JSON object (Content-Type: application/json)", None
     loc = [str(p) for p in first.get("loc", ())[1:]]
     where = ".".join(loc) or None
     msg = str(first.get("msg", err)).removeprefix("Value error, ")
@@ -127,8 +129,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
             raise InvalidRequestError("lora_name: the base model's name cannot name an adapter")
         path = safe_lora_path(settings.lora_root, body.lora_path)
         root = str(safe_lora_path(settings.lora_root, "."))
-        await engine.call(lambda e: e.load_lora(body.lora_name, str(path), root,
-                                                body.replace))
+        try:
+            await engine.call(lambda e: e.load_lora(body.lora_name, str(path), root,
+                                                    body.replace))
+        except AdapterLoadError as err:  # name paths below the root as the client did
+            raise AdapterLoadError(str(err).replace(root, "<lora-root>")) from err
         log.info("adapter %r loaded from %s%s", body.lora_name, path,
                  " (replacing)" if body.replace else "")
         return {"status": "ok", "lora_name": body.lora_name}
