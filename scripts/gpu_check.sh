@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; logs and JSON go to $OUT (default ./gpu_out).
+# Pass PUNICA_COMMIT as a literal hash taken here: `git rev-parse` on the device reads its copy's
+# .git, whose HEAD is not the tree that runs (two JSONs of 1ba5335 were labelled 70356de).
 # Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op slices decode textgen row_probe \
 #        decode_split profile textgen_profile serve cluster mg_scale1 mg_scale2 mg_ramp mg_migrate"] [TESTS="tests/ops -k row"] \
 #        [TEXTGEN_ARGS="--num-requests 200"] bash scripts/gpu_check.sh

@@ -22,6 +22,7 @@ token. Updates carry the whole state of a request, so a stream never repeats or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -353,7 +354,8 @@ class ClusterEngine:
                 log.error("engine %d: restart failed (%s: %s); next try in %.0f s", eid,
                           type(err).__name__, err, min(RESTART_MAX_S, 2 * delay))
                 if actor is not None:
-                    ray.kill(actor)
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor)
                 delay = min(RESTART_MAX_S, 2 * delay)
         else:
             return
@@ -364,6 +366,10 @@ class ClusterEngine:
         self.stats.restarts += 1
         log.info("engine %d restarted", eid)
         self._pumps.append(self._loop.create_task(self._pump(eid)))
+        try:  # adapters loaded or unloaded while it started reached only the live engines
+            await asyncio.to_thread(self.engine.sync_adapters, actor)
+        except Exception as err:  # noqa: BLE001 - its pump finds out if it died
+            log.warning("engine %d: adapters not synced after its restart (%s)", eid, err)
         await asyncio.to_thread(self.engine.refresh)
         self._place()
 

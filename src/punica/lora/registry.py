@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from punica.errors import AdapterLoadError, AdapterNotFoundError
-from punica.lora.peft import AdapterWeights, FileStamp, load_adapter, stamps_of
+from punica.lora.files import FileStamp, stamps_of
+from punica.lora.peft import AdapterWeights, load_adapter
 from punica.models.arch import ModelArch
 
 
