@@ -38,6 +38,8 @@ class ModelArch:
     qkv_bias: bool
     qk_norm: bool
     eos_token_ids: tuple[int, ...]
+    architectures: tuple[str, ...] = ()
+    """config.json's `architectures` (models/registry.py picks the model class by them)."""
 
     def proj_shape(self, proj: str) -> tuple[int, int]:
         """(in_features, out_features) of a projection; k/v sized for grouped-query attention."""
@@ -94,6 +96,8 @@ def arch_from_config(cfg: object) -> ModelArch:
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
         qk_norm=model_type == "qwen3", eos_token_ids=eos_ids,
+        architectures=tuple(a for a in (getattr(cfg, "architectures", None) or ())
+                            if isinstance(a, str)),
     )
 
 

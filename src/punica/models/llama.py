@@ -15,6 +15,7 @@ from torch import nn
 from punica.engine.batch import Batch
 from punica.lora.pool import LoraPool
 from punica.models.arch import ModelArch
+from punica.models.registry import register
 from punica.models.rope import Rotary
 from punica.ops import fused
 from punica.ops.attention import (
@@ -192,6 +193,8 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
 
+@register(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"),
+          ("llama", "mistral", "qwen2", "qwen3"))
 class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from punica.errors import ModelLoadError
 from punica.models.arch import ModelArch, load_arch
 from punica.models.llama import FUSED_PROJECTIONS, CausalLM
+from punica.models.registry import model_class
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -74,8 +75,9 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     arch = load_arch(path)
     torch_dtype = resolve_dtype(dtype, path)
     device = torch.device(device)
+    cls = model_class(arch.architectures, arch.model_type)
     with torch.device("meta"):
-        model = CausalLM(arch)
+        model = cls(arch)
     wanted = checkpoint_keys(model.state_dict().keys())
     files = weight_files(path)
     total = sum(f.stat().st_size for f in files)
