@@ -404,9 +404,8 @@ class LLMEngine:
             self.stats["adapter_loads"] += 1
         if failed:
             out.scheduled = [s for s in out.scheduled if not s.seq.is_finished]
-        for s in out.scheduled:  # the invariant: no row reads an unfilled slot
-            if s.seq.adapter is not None and not self.slots.is_filled(s.seq.adapter):
-                raise RuntimeError(f"adapter {s.seq.adapter!r} scheduled on an unfilled slot")
+        if self.slots.num_unfilled:  # the invariant: no row reads an unfilled slot
+            raise RuntimeError(f"{self.slots.num_unfilled} adapter slot(s) left unfilled")
 
     def _settle(self, f: InFlight) -> set[str]:
         """Wait for a launched step's tokens; append them (in place of placeholders), run the

@@ -72,6 +72,11 @@ class AdapterSlots:
             raise RuntimeError(f"filled: adapter {name!r} holds no slot")
         self._unfilled.discard(name)
 
+    @property
+    def num_unfilled(self) -> int:
+        """Slots assigned whose fill has not completed (0 between steps)."""
+        return len(self._unfilled)
+
     def is_filled(self, name: str) -> bool:
         return name in self._slot_of and name not in self._unfilled
 

@@ -25,6 +25,8 @@ import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from punica.server.formatting import error_body
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -37,9 +39,6 @@ UNAUTHORISED_BYTES = 64 << 10
 """What is read (and dropped) of a body sent without the API key, before the 401."""
 DRAIN_BYTES = 256 << 20
 """A refused body is read (and dropped) up to this size before the 413 goes out."""
-KINDS = {400: "invalid_request_error", 401: "authentication_error", 408: "invalid_request_error",
-         413: "invalid_request_error", 415: "invalid_request_error"}
-
 
 class RequestGate:
     def __init__(self, app: ASGIApp, max_bytes: int, api_key: str | None = None,
@@ -58,8 +57,7 @@ class RequestGate:
             # At most a small body is read (and dropped) for a client without the key, so that
             # it reads the 401; a larger one gets the answer and a closed connection.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drain(receive, DRAIN_BYTES - UNAUTHORISED_BYTES),
-                                       1.0)
+                await asyncio.wait_for(self._drain(receive, UNAUTHORISED_BYTES), 1.0)
             await refuse(send, 401, "invalid or missing API key")
             return
         if headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
@@ -74,7 +72,8 @@ class RequestGate:
             # (bounded in bytes and time), so that it reads the 413 rather than a reset.
             if int(length) <= DRAIN_BYTES:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._drain(receive), self.body_timeout_s)
+                    await asyncio.wait_for(self._drain(receive, DRAIN_BYTES),
+                                           self.body_timeout_s)
             await refuse(send, 413, f"request body too large: at most {self.max_bytes} bytes")
             return
         try:
@@ -99,15 +98,16 @@ class RequestGate:
             size += len(chunks[-1])
             if size > self.max_bytes:
                 if message.get("more_body", False):
-                    await self._drain(receive, size)
+                    await self._drain(receive, DRAIN_BYTES - size)
                 return size
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
     @staticmethod
-    async def _drain(receive: Receive, size: int = 0) -> None:
-        """Read and drop (the rest of) a refused body, at most DRAIN_BYTES in all."""
-        while size <= DRAIN_BYTES:
+    async def _drain(receive: Receive, limit: int) -> None:
+        """Read and drop (the rest of) a refused body, about `limit` bytes at most."""
+        size = 0
+        while size <= limit:
             message = await receive()
             size += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
@@ -144,8 +144,7 @@ class RequestGate:
 
 
 async def refuse(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": KINDS[status], "param": None,
-                                 "code": status}}).encode()
+    body = json.dumps(error_body(message, status)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
