@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +14,9 @@ from punica.cluster.engine_worker import EngineWorker, Report
 from punica.config import CacheConfig, EngineConfig, ModelConfig
 from punica.engine.outputs import RequestOutput
 from punica.engine.sampling_params import SamplingParams
+from punica.errors import AdapterNotFoundError
 from punica.server.engine_spec import EngineSpec
-from tests.checkpoints import save_model
+from tests.checkpoints import ADAPTERS, save_adapter, save_model
 
 PARAMS = SamplingParams(max_tokens=45, temperature=0.0, ignore_eos=True,
                         frequency_penalty=0.8, repetition_penalty=1.3, logprobs=2)
@@ -114,3 +116,69 @@ def test_an_abort_that_overtakes_its_add_drops_the_add(workers: list[EngineWorke
     assert worker.call(lambda e: e.has_unfinished()).value is False
     failed = worker.call(lambda e: e.remove_lora("nope"))
     assert failed.value is None and "not loaded" in str(failed.error)
+
+
+def test_an_abort_of_a_running_request_goes_through_the_async_engine_and_frees_it(
+        workers: list[EngineWorker], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, worker = workers
+    aborted: list[str] = []
+    abort_now = worker.async_engine.abort_now
+    monkeypatch.setattr(worker.async_engine, "abort_now",
+                        lambda rid: (aborted.append(rid), abort_now(rid)))
+    worker.add(0, "r@1", [1, 2, 3], SamplingParams(max_tokens=60, ignore_eos=True), None)
+    drain(worker, lambda r: any(o.request_id == "r@1" for o in r.outputs))
+    assert worker.call(lambda e: e.leftovers()["kv_blocks_used"]).value > 0
+    worker.abort("r@1")
+    leftovers = worker.call(lambda e: e.leftovers()).value
+    assert leftovers == dict.fromkeys(leftovers, 0)  # blocks, slots, detokenizer: all freed
+    assert aborted == ["r@1"] and worker.async_engine.in_flight == 0  # its sink is gone too
+    rest = worker.poll(0.5)
+    assert not rest.failed and not any(o.finished for o in rest.outputs)
+
+
+def test_a_step_that_raises_beyond_recovery_fails_the_workers_requests_once(
+        workers: list[EngineWorker], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, worker = workers
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    worker.add(0, "a@1", [1, 2, 3], params, None)
+    worker.add(1, "b@1", [4, 5, 6], params, None)
+    drain(worker, lambda r: {o.request_id for o in r.outputs} == {"a@1", "b@1"})
+
+    def boom() -> list[RequestOutput]:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(worker.engine, "step", boom)
+    report = drain(worker, lambda r: len(r.failed) >= 2)
+    report.failed += worker.poll(0.5).failed  # nothing more comes
+    assert sorted(rid for rid, _ in report.failed) == ["a@1", "b@1"]
+    assert all(type(err) is RuntimeError and str(err) == "ValueError: boom"  # portable
+               for _, err in report.failed)
+    assert not any(o.error is not None or o.finished for o in report.outputs)
+    leftovers = worker.call(lambda e: e.leftovers()).value
+    assert leftovers == dict.fromkeys(leftovers, 0) and worker.async_engine.in_flight == 0
+    monkeypatch.undo()
+    worker.add(2, "c@1", [1, 2, 3], SamplingParams(max_tokens=2), None)
+    assert finals(drain(worker, lambda r: "c@1" in finals(r)))["c@1"].finish_reason == "length"
+
+
+def test_a_request_that_fails_reaches_the_frontend_once_as_failed(
+        spec: EngineSpec, workers: list[EngineWorker], tmp_path: Path) -> None:
+    # unloading an adapter fails its running request in the engine (its RequestOutput carries
+    # the error); an add with an adapter that is not loaded fails at once
+    _, worker = workers
+    adapter = save_adapter(Path(spec.config.model.model), tmp_path / "t", 1, **ADAPTERS["qv8"])
+    assert worker.call(lambda e: e.load_lora("t", str(adapter))).error is None
+    worker.add(0, "t@1", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), "t")
+    drain(worker, lambda r: any(o.request_id == "t@1" for o in r.outputs))
+    assert worker.call(lambda e: e.remove_lora("t")).value == ["t@1"]
+    worker.add(1, "lost@1", [1, 2, 3], SamplingParams(max_tokens=2), "t")
+    report = drain(worker, lambda r: len(r.failed) >= 2)
+    report.failed += worker.poll(0.5).failed  # nothing more comes
+    assert sorted(rid for rid, _ in report.failed) == ["lost@1", "t@1"]
+    errors = dict(report.failed)
+    assert isinstance(errors["t@1"], AdapterNotFoundError)
+    assert "unloaded while this request was in flight" in str(errors["t@1"])
+    assert "not loaded" in str(errors["lost@1"])
+    assert not any(o.error is not None or o.finished for o in report.outputs)  # never twice
+    leftovers = worker.call(lambda e: e.leftovers()).value
+    assert leftovers == dict.fromkeys(leftovers, 0) and worker.async_engine.in_flight == 0

@@ -1,9 +1,13 @@
-"""One engine of the cluster: an LLMEngine on its own thread, driven by a frontend over Ray.
+"""One engine of the cluster: an LLMEngine run by an AsyncEngine, driven by a frontend over Ray.
 
-The class is plain Python (deploy.py wraps it with `ray.remote`, a threaded actor): `add` and
-`abort` post to the engine thread's inbox, `poll` waits for what the engine thread published
-since the last poll (a Report: updates, failures, migrations, the placements it took in and its
-load), `call` runs a function on the engine thread. Only the engine thread touches the LLMEngine.
+The class is plain Python (deploy.py wraps it with `ray.remote`, a threaded actor). It has no
+thread, inbox or step loop of its own: the AsyncEngine's engine thread runs everything. `add`
+and `abort` submit jobs to it (`add_now` / `abort_now`: one abort path), each request's sink
+collects its updates and its error into the pending Report, the iteration hook migrates the
+requests a step preempted and publishes the Report, `poll` waits for what was published since
+the last poll (updates, failures, migrations, the placements it took in and its load), `call`
+runs a function on the engine thread. A step that raises beyond the engine's recovery fails
+this engine's requests through the AsyncEngine's fail-all (reported as failed).
 
 Migration: when a step preempts requests (the engine ran out of KV blocks), the worker aborts
 them here and reports them as migrated; the frontend places each again and the engine that gets
@@ -21,17 +25,19 @@ order. An `abort` that overtakes its `add` leaves a tombstone, and the `add` is 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
-import queue
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from punica.cluster.policy import EngineState
+from punica.engine.async_engine import AsyncEngine
 from punica.engine.llm_engine import LLMEngine
 from punica.engine.outputs import RequestOutput
 from punica.engine.sampling_params import SamplingParams
+from punica.engine.sequence import Sequence
 from punica.errors import PunicaError
 from punica.server.engine_spec import EngineSpec, build_engine
 
@@ -100,7 +106,6 @@ class EngineWorker:
         """`device_share`: the fraction of a GPU this engine may use (several share one)."""
         self.engine_id = engine_id
         self.engine = build_engine(_shared_device_spec(spec, device_share))
-        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._cond = threading.Condition()
         self._published = Report(self._state())
         self._fresh = False
@@ -108,9 +113,8 @@ class EngineWorker:
         self._next_add = 0  # the placement number applied next (engine thread)
         self._held: dict[int, Callable[[], None]] = {}  # adds that overtook an earlier one
         self._pending = Report(self._published.state)  # built by the engine thread only
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="punica-engine", daemon=True)
-        self._thread.start()
+        self._running: set[Sequence] = set()  # running after the last iteration (engine thread)
+        self.async_engine = AsyncEngine(self.engine, on_iteration=self._on_iteration)
 
     # The frontend's calls (any thread) ---------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -123,11 +127,11 @@ class EngineWorker:
             adapter: str | None, done: RequestOutput | None = None) -> None:
         """Placement `number` (consecutive per engine, from 0) of a request; applied in number
         order."""
-        self._inbox.put(lambda: self._in_order(number, lambda: self._add(
+        self.async_engine.submit(lambda: self._in_order(number, lambda: self._add(
             number, request_id, prompt_ids, params, adapter, done)))
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(lambda: self._abort(request_id))
+        self.async_engine.submit(lambda: self._abort(request_id))
 
     def poll(self, timeout_s: float) -> Report:
         """Wait up to timeout_s for news; return it (with the current load either way)."""
@@ -147,13 +151,11 @@ class EngineWorker:
             except Exception as err:  # noqa: BLE001 - handed back to the caller
                 future.set_result(CallResult(error=portable(err)))
 
-        self._inbox.put(run)
+        self.async_engine.submit(run)
         return future.result()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._inbox.put(lambda: None)
-        self._thread.join(timeout=10)
+        self.async_engine.shutdown()
 
     # The engine thread -----------------------------------------------------------------------
     def _in_order(self, number: int, apply: Callable[[], None]) -> None:
@@ -169,61 +171,48 @@ class EngineWorker:
             del self._tombstones[request_id]
             return  # aborted before it arrived
         try:
-            self.engine.add_request(request_id, prompt_ids, params, adapter)
+            self.async_engine.add_now(request_id, prompt_ids, params, adapter,
+                                      functools.partial(self._sink, request_id))
             if done is not None:
                 resume(self.engine, request_id, done)
         except Exception as err:  # noqa: BLE001 - the request's own failure
             if not isinstance(err, PunicaError):
                 log.error("engine %d: adding %s failed", self.engine_id, request_id,
                           exc_info=err)
-            self.engine.abort(request_id)
+            self.async_engine.abort_now(request_id)
             self._pending.failed.append((request_id, portable(err)))
+
+    def _sink(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        """A request's updates go to the pending Report's outputs, its error (a RequestOutput
+        with `.error` arrives as that error) to `failed`: the frontend gets it once."""
+        if isinstance(item, BaseException):
+            self._pending.failed.append((request_id, portable(item)))
+        else:
+            self._pending.outputs.append(item)
 
     def _abort(self, request_id: str) -> None:
         if request_id in self.engine.unfinished_ids():
-            self.engine.abort(request_id)
+            self.async_engine.abort_now(request_id)
             return
         self._tombstones[request_id] = None
         while len(self._tombstones) > TOMBSTONES:
             self._tombstones.popitem(last=False)
 
-    def _step(self) -> None:
-        sched = self.engine.scheduler
-        running = set(sched.running)
-        try:
-            outputs = self.engine.step()
-        except Exception as err:  # noqa: BLE001 - fail this engine's requests, keep serving
-            log.critical("engine %d: step failed beyond recovery; failing its requests",
-                         self.engine_id, exc_info=err)
-            for rid in self.engine.unfinished_ids():
-                self.engine.abort(rid)
-                self._pending.failed.append((rid, portable(err)))
-            return
-        self._pending.outputs.extend(outputs)
-        preempted = dict.fromkeys(s.request_id for s in sched.waiting if s in running)
-        for rid in preempted:
-            self.engine.abort(rid)
-            self._pending.migrated.append(rid)
+    def _on_iteration(self) -> None:
+        """After an iteration that ran jobs or a step: hand back what it preempted, publish."""
+        self._migrate()
+        self._publish()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = self.engine.has_unfinished()
-            news = False
-            try:
-                while True:
-                    job = self._inbox.get(block=not busy and not news, timeout=0.5)
-                    news = True
-                    try:
-                        job()
-                    except Exception:  # noqa: BLE001 - one job's bug must not stop the loop
-                        log.exception("engine %d: inbox job failed", self.engine_id)
-            except queue.Empty:
-                pass
-            if self.engine.has_unfinished():
-                self._step()
-                news = True
-            if news:
-                self._publish()
+    def _migrate(self) -> None:
+        """Abort and report as migrated the requests running after the previous iteration and
+        waiting now: the step preempted them (out of KV blocks). The jobs in between (adds,
+        aborts, calls) do not move a request from running to waiting; only a step does."""
+        sched = self.engine.scheduler
+        preempted = dict.fromkeys(s.request_id for s in sched.waiting if s in self._running)
+        for rid in preempted:
+            self.async_engine.abort_now(rid)
+            self._pending.migrated.append(rid)
+        self._running = set(sched.running)
 
     def _publish(self) -> None:
         pending = self._pending

@@ -1,12 +1,22 @@
-"""AsyncEngine: the LLMEngine on its own thread, fed by an inbox, streaming to asyncio callers.
+"""AsyncEngine: the LLMEngine on its own thread, fed by an inbox, streaming to its callers.
 
 Threads: the engine thread alone touches the LLMEngine (requests, aborts, adapter loads and steps
-all go through the inbox, so no lock is held across a forward pass). Each request has an asyncio
-queue on its caller's loop; the engine thread puts every update there with call_soon_threadsafe.
+all go through the inbox, so no lock is held across a forward pass). Each request has a sink, a
+function the engine thread hands every update (or the request's error) to. For asyncio callers
+(`open`, `stream`, `generate`: the server) the sink puts it on an asyncio queue on the caller's
+loop with call_soon_threadsafe; the cluster's EngineWorker adds requests with sinks of its own.
 Request life cycle: opened (validated, counted in flight, submitted to the inbox) -> added (or
-failed: the error is put on its queue) -> updates ... -> finished (last update; forgotten) |
+failed: the error goes to its sink) -> updates ... -> finished (last update; forgotten) |
 aborted (the reader went away: its `finally` sends an abort, which frees its blocks and adapter
 reference). A request whose reader never starts runs to its end (bounded by max_tokens).
+A step that raises beyond the LLMEngine's own recovery fails every request (each sink gets the
+error) and the loop goes on.
+
+On the engine thread (jobs posted with `submit`, and the `on_iteration` hook): `add_now` adds a
+request under the caller's id with its sink, `abort_now` forgets a request's sink and aborts it
+in the engine (the one abort path: a stream's reader that leaves and `cancel` use it too).
+`on_iteration` is called after each loop iteration that ran jobs or a step, once the step's
+updates are delivered.
 """
 
 from __future__ import annotations
@@ -32,15 +42,34 @@ class OverloadedError(CapacityError):
     """Too many requests in flight: try again later (503)."""
 
 
+Sink = Callable[[RequestOutput | BaseException], None]
+"""Takes a request's updates and its error, on the engine thread (it must not block)."""
+
+
 @dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    adapter: str | None
-    prompt_tokens: int
-    start: float
+    """Where a request's updates go, and what `in_flight` and the observer need of it."""
+
+    put: Sink
     n: int = 1
     """Sequences it runs (SamplingParams.n): its weight in `in_flight`."""
+    queue: asyncio.Queue | None = None
+    """The queue `put` fills on the caller's loop (requests made with `open`), read by
+    `stream`."""
+    adapter: str | None = None
+    prompt_tokens: int = 0
+    start: float = 0.0
+
+
+def _queue_sink(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Sink:
+    """A sink that puts each item on `q` on `loop` (from the engine thread)."""
+    def put(item: RequestOutput | BaseException) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:
+            pass  # the caller's loop is closed: nobody is reading
+
+    return put
 
 
 Observer = Callable[[str | None, int, int, "str | None", "float | None", "float | None"], None]
@@ -48,11 +77,15 @@ Observer = Callable[[str | None, int, int, "str | None", "float | None", "float 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_in_flight: int = 1024,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None,
+                 on_iteration: Callable[[], None] | None = None) -> None:
         """observer(adapter, prompt_tokens, generated, finish_reason, ttft_s, tpot_s) is called
-        once per request when it ends (finish_reason None: aborted)."""
+        once per request read with `stream` when it ends (finish_reason None: aborted).
+        on_iteration() is called on the engine thread after each loop iteration that ran jobs or
+        a step, after the step's updates went to their sinks (an error it raises is logged)."""
         self.engine = engine
         self.observer = observer
+        self.on_iteration = on_iteration
         self.max_in_flight = max_in_flight
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
@@ -75,6 +108,12 @@ class AsyncEngine:
         """Sequences of the requests opened and not yet finished (a request counts n)."""
         return sum(s.n for s in list(self._streams.values()))
 
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run job() on the engine thread, after the jobs submitted before it (any thread).
+        An error it raises is logged; the loop goes on."""
+        self._inbox.put(job)
+
+    # asyncio callers (the server) ----------------------------------------------------------------
     def open(self, prompt_ids: list[int], params: SamplingParams,
              adapter: str | None) -> str:
         """Validate, reserve a place in flight and submit a request; returns its id.
@@ -86,9 +125,10 @@ class AsyncEngine:
             raise OverloadedError(f"server overloaded: {self.in_flight} sequences in flight")
         self.engine.validate(prompt_ids, adapter, params)  # read-only, safe from this thread
         rid = f"req-{next(self._ids)}"
-        self._streams[rid] = _Stream(asyncio.get_running_loop(), asyncio.Queue(), adapter,
-                                     len(prompt_ids), time.perf_counter(), params.n)
-        self._inbox.put(lambda: self._add(rid, prompt_ids, params, adapter))
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        self._streams[rid] = _Stream(_queue_sink(loop, updates), params.n, updates, adapter,
+                                     len(prompt_ids), time.perf_counter())
+        self.submit(lambda: self._add(rid, prompt_ids, params, adapter))
         return rid
 
     def stream(self, rid: str) -> AsyncIterator[RequestOutput]:
@@ -117,13 +157,13 @@ class AsyncEngine:
         finally:
             self._streams.pop(rid, None)
             if not finished:
-                self._inbox.put(lambda: self.engine.abort(rid))
+                self.submit(lambda: self.abort_now(rid))
             self._observe(stream, last, first, "error" if failed else None)
 
     def cancel(self, rid: str) -> None:
         """Abort an opened request whose stream will never be read."""
         if self._streams.pop(rid, None) is not None:
-            self._inbox.put(lambda: self.engine.abort(rid))
+            self.submit(lambda: self.abort_now(rid))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        adapter: str | None) -> AsyncIterator[RequestOutput]:
@@ -154,8 +194,22 @@ class AsyncEngine:
             except BaseException as err:  # noqa: BLE001 - handed to the awaiting caller
                 future.set_exception(err)
 
-        self._inbox.put(run)
+        self.submit(run)
         return await asyncio.wrap_future(future)
+
+    # The engine thread -------------------------------------------------------------------------
+    def add_now(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                adapter: str | None, sink: Sink) -> None:
+        """Engine thread: add a request under `rid` whose updates (and error) go to `sink`.
+        Raises what LLMEngine.add_request raises; the sink is not registered then."""
+        self.engine.add_request(rid, prompt_ids, params, adapter)
+        self._streams[rid] = _Stream(sink, params.n)
+
+    def abort_now(self, rid: str) -> None:
+        """Engine thread: forget the request's sink and abort it in the engine (its blocks and
+        adapter reference are freed); nothing more is delivered for it."""
+        self._streams.pop(rid, None)
+        self.engine.abort(rid)
 
     def _add(self, rid: str, prompt_ids: list[int], params: SamplingParams,
              adapter: str | None) -> None:
@@ -166,42 +220,61 @@ class AsyncEngine:
         except Exception as err:  # noqa: BLE001 - delivered to the request's caller
             self._deliver(rid, err)
 
-    def _deliver(self, rid: str, item: object) -> None:
+    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
         if isinstance(item, RequestOutput) and item.error is not None:
             item = item.error  # a failed request: its reader gets the error
         stream = self._streams.get(rid)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-            if isinstance(item, BaseException) or item.finished:
-                # Done: forget it here too, in case its reader never started (a client that
-                # left before the first byte); a reader that did start pops it again, harmlessly.
-                self._streams.pop(rid, None)
+        if stream is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            # Done: forget it here too, in case its reader never started (a client that left
+            # before the first byte); a reader that did start pops it again, harmlessly.
+            self._streams.pop(rid, None)
+        try:
+            stream.put(item)
+        except Exception:  # noqa: BLE001 - one sink's bug must not stop the loop
+            log.exception("delivering an update of %s failed", rid)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            block = not self.engine.has_unfinished()
-            try:
-                while True:
-                    job = self._inbox.get(block=block, timeout=0.5 if block else None)
-                    block = False
-                    try:
-                        job()
-                    except Exception:  # noqa: BLE001 - one job's bug must not stop the loop
-                        log.exception("engine inbox job failed")
-            except queue.Empty:
-                pass
+            busy = self._run_jobs(block=not self.engine.has_unfinished())
             if self.engine.has_unfinished():
+                self._step()
+                busy = True
+            if busy and self.on_iteration is not None:
                 try:
-                    outputs = self.engine.step()  # charges its own failures to their requests
-                except Exception as err:  # noqa: BLE001 - a bug in the recovery itself
-                    log.critical("engine step failed beyond recovery; failing every request",
-                                 exc_info=err)
-                    self._fail_all(err)
-                    continue
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                    self.on_iteration()
+                except Exception:  # noqa: BLE001 - the hook's bug must not stop the loop
+                    log.exception("engine on_iteration hook failed")
+
+    def _run_jobs(self, block: bool) -> bool:
+        """Run the jobs in the inbox (waiting up to 0.5 s for one if `block`); whether any ran."""
+        ran = False
+        try:
+            while True:
+                job = self._inbox.get(block=block and not ran, timeout=0.5)
+                ran = True
+                try:
+                    job()
+                except Exception:  # noqa: BLE001 - one job's bug must not stop the loop
+                    log.exception("engine inbox job failed")
+        except queue.Empty:
+            pass
+        return ran
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()  # charges its own failures to their requests
+        except Exception as err:  # noqa: BLE001 - a bug in the recovery itself
+            log.critical("engine step failed beyond recovery; failing every request",
+                         exc_info=err)
+            self._fail_all(err)
+            return
+        for out in outputs:
+            self._deliver(out.request_id, out)
 
     def _fail_all(self, err: Exception) -> None:
+        """The last resort: abort every request in the engine; each sink gets `err`."""
         for rid in self.engine.unfinished_ids():
             self.engine.abort(rid)
             self._deliver(rid, err)
