@@ -9,16 +9,15 @@ prefill row is 4 sequences x 64 new tokens.
 CUDA: real launches; each timed loop queues `calls` launches without a sync (host time only).
 CPU: Triton's JIT launcher runs for real on a stand-in driver whose compiled kernel does nothing
 (no compilation, no device), so the time is the wrappers' Python plus Triton's own launch path.
-TRITON_INTERPRET is set after the kernels are imported (they stay compiled-kernel objects) so
-that add_lora takes its Triton path on CPU tensors. Each row: median and best of `repeats` loops,
-and (CPU) the kernel launches per call. `--no-fast-launch` sends every launch through
-`kernel[grid](...)` (punica.ops.launch.FAST_LAUNCH = False) for comparison.
+The wrappers treat the kernels as interpreted there (`checks.use_interpreter(True)`; they stay
+compiled-kernel objects) so that add_lora takes its Triton path on CPU tensors. Each row: median
+and best of `repeats` loops, and (CPU) the kernel launches per call. `--no-fast-launch` sends
+every launch through `kernel[grid](...)` (punica.ops.launch.FAST_LAUNCH = False) to compare.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,15 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from punica.ops import attention, attention_kernels, launch, lora, lora_kernels, lora_row_kernels
+from punica.ops import (
+    attention,
+    attention_kernels,
+    checks,
+    launch,
+    lora,
+    lora_kernels,
+    lora_row_kernels,
+)
 from punica.ops.launch_stub import null_kernels, null_launches
 
 CUDA = torch.cuda.is_available()
@@ -119,8 +126,7 @@ def main() -> int:
     if CUDA:
         report(args, dev)
         return 0
-    with null_launches(_kernels()):
-        os.environ["TRITON_INTERPRET"] = "1"  # after the kernels were decorated: see module doc
+    with null_launches(_kernels()), checks.use_interpreter(True):
         report(args, dev)
     return 0
 

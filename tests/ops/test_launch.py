@@ -19,7 +19,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from punica.ops import launch
+from punica.ops import checks, launch
 from punica.ops.launch import KernelLaunch, PlanCache, cdiv, next_power_of_2
 from punica.ops.launch_stub import NullKernel, null_kernels, null_launches
 
@@ -225,3 +225,42 @@ def test_plan_cache_builds_once_and_stays_bounded() -> None:
     for _ in range(2):  # a failed build is not remembered
         with pytest.raises(ValueError, match="bad 4"):
             cache.get(4, failing, 4)
+
+
+def test_plan_cache_keys_hold_the_interpreter_setting() -> None:
+    """A plan made with the kernels treated as interpreted (no PDL or fences, CPU tensors taken)
+    is never reused with them compiled, nor the other way round."""
+    built: list[bool] = []
+
+    def build() -> int:
+        built.append(checks.interpreting())
+        return len(built)
+
+    cache: PlanCache[int] = PlanCache()
+    with checks.use_interpreter(True):
+        on = cache.get("same signature", build)
+    with checks.use_interpreter(False):
+        off = cache.get("same signature", build)
+        assert cache.get("same signature", build) == off
+    with checks.use_interpreter(True):
+        assert cache.get("same signature", build) == on
+    assert (on, off) == (1, 2) and built == [True, False]
+
+
+def test_another_driver_takes_triton_path(toy: JITFunction) -> None:
+    """A kernel known under one Triton driver is not launched directly under another (here two
+    stand-ins; in a script, the real driver back after launch_stub's)."""
+    run = toy_launch(toy)
+    with null_launches([toy]):
+        run(*tensors())
+        first = only_kernel(toy)
+        assert run.is_fast(0)
+    with null_launches([toy]):
+        assert not run.is_fast(0)
+        x, y = tensors()
+        run(x, y)
+        second = only_kernel(toy)
+        assert second is not first and second.last_args[BASE] is x
+        run(*tensors())
+        assert second.launches == 2 and run.is_fast(0)
+    assert first.launches == 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from punica.ops import attention as attn
-from punica.ops import launch, lora
+from punica.ops import checks, fused, fused_ref, launch, lora
 from punica.ops.launch import KernelLaunch
 from tests.ops.lora_cases import REL_TOL, problem_for_mix, rel_err
 from tests.ops.test_attention import TOL, make_case, reference
@@ -148,3 +148,19 @@ def test_attention_relaunch_matches_reference(device: torch.device) -> None:
         attn.paged_prefill(c["q"], c["k_cache"], c["v_cache"], c["cu_t"], c["seq_lens_t"],
                            c["tables_t"], c["scale"], out)
         assert rel_err(out.cpu(), ref) <= TOL[dtype], f"prefill, trial {trial}"
+
+
+def test_fused_plans_follow_the_interpreter_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU tensors the fused ops launch the (interpreted) kernel only while the kernels are
+    treated as interpreted, else run the torch reference: one plan each, the same signature."""
+    if not checks.interpreting():
+        pytest.skip("the kernels are compiled: CPU tensors never reach them")
+    monkeypatch.setattr(fused._NORM, "plans", {})
+    gen = torch.Generator().manual_seed(16)
+    x, w = torch.randn(3, 24, generator=gen), torch.randn(24, generator=gen)
+    ref = fused_ref.rms_norm_ref(x, w, 1e-5)
+    for on in (True, False, True, False):
+        with checks.use_interpreter(on):
+            torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), ref)
+    kinds = sorted(type(plan).__name__ for plan in fused._NORM.plans.values())
+    assert kinds == ["KernelLaunch", "NoneType"]

@@ -9,8 +9,8 @@ table on the host and validates it there before the single upload per step.
 
 from __future__ import annotations
 
-import functools
-import os
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -123,11 +123,37 @@ def should_check_values(tensor: torch.Tensor, check_values_flag: bool | None) ->
     return check_values_flag
 
 
-@functools.cache
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU under its interpreter (TRITON_INTERPRET=1).
+_INTERPRET: bool | None = None
+"""The setting of `interpreting()`; None: not decided yet (then: as the kernels were built)."""
 
-    Read once, at the first call: triton.jit reads the variable when it decorates a kernel, so
-    it must be set before the kernel modules are imported and cannot change afterwards.
+
+def interpreting() -> bool:
+    """True when the op wrappers treat the Triton kernels as interpreted: they launch them on CPU
+    tensors, without PDL or GPU fences, and upcast bf16 dots (the interpreter multiplies bf16 as
+    raw bits). Launch plans depend on it, so `launch.PlanCache` keys hold it.
+
+    By default: whether Triton's interpreter runs the kernels, i.e. TRITON_INTERPRET=1 when the
+    kernel modules were imported (triton.jit reads it as it decorates them; set later, it changes
+    nothing). `use_interpreter` sets it explicitly.
     """
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    global _INTERPRET
+    if _INTERPRET is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from punica.ops.tiles import locate_tile
+
+        _INTERPRET = isinstance(locate_tile, InterpretedFunction)
+    return _INTERPRET
+
+
+@contextlib.contextmanager
+def use_interpreter(on: bool | None) -> Iterator[None]:
+    """Within: `interpreting()` is `on` (None: as the kernels were built). E.g. True to time the
+    wrappers' host path on CPU tensors under `launch_stub.null_launches`, whose kernels are
+    compiled objects; False to run the references on CPU tensors in an interpreted session."""
+    global _INTERPRET
+    before, _INTERPRET = _INTERPRET, on
+    try:
+        yield
+    finally:
+        _INTERPRET = before

@@ -15,13 +15,18 @@ constexprs) and the options; its owner's plan key fixes the tensors' dtypes. Wha
 is the tensors' 16-byte alignment, so the fast path runs only when every tensor is 16-byte
 aligned, with the kernel compiled (by Triton's own path) for exactly that case on this device.
 Everything else goes through `kernel[grid]` unchanged: interpreted kernels (TRITON_INTERPRET=1),
-a misaligned tensor, a device not seen yet, registered launch hooks (profilers), pre-run hooks,
-TRITON_DEBUG, Triton instrumentation, or PUNICA_FAST_LAUNCH=0.
+a misaligned tensor, a device not seen yet (or not under the active Triton driver), registered
+launch hooks (profilers), pre-run hooks, TRITON_DEBUG, Triton instrumentation, or
+`FAST_LAUNCH = False`.
+
+Plan keys: a `PlanCache` key is the caller's argument signature (`sig` of every tensor: shapes,
+strides, dtypes and devices, so also each device's capability; scalars; configs), and the cache
+adds what every plan depends on beyond its arguments (`launch_env`: whether the kernels are
+treated as interpreted, `checks.interpreting`).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, TypeVar
@@ -31,8 +36,11 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-FAST_LAUNCH = os.environ.get("PUNICA_FAST_LAUNCH", "1") != "0"
-"""Module switch of the direct launches (tests and scripts flip it to compare)."""
+from punica.ops.checks import interpreting
+
+FAST_LAUNCH = True
+"""Direct relaunches on or off, read at every launch: code sets it (tests, and
+`scripts/host_overhead.py --no-fast-launch`, to compare with Triton's own path)."""
 
 _INTERPRETER_LOCK = threading.Lock()
 """Triton's interpreter keeps the running launch (its grid, the program id) in module state, so
@@ -61,15 +69,25 @@ def sig(t: torch.Tensor | None) -> tuple[object, ...] | None:
     return (t.shape, t.stride(), t.dtype, t.device)
 
 
+def launch_env() -> Hashable:
+    """What every launch plan depends on beyond its arguments: whether the kernels are treated
+    as interpreted (no PDL or GPU fences, bf16 dots upcast, the Triton ops taking CPU tensors).
+    Devices and their capability are in each tensor's `sig`."""
+    return interpreting()
+
+
 class PlanCache(Generic[P]):
-    """Plans by argument signature; cleared when full, so varied shapes cannot grow it forever."""
+    """Plans by argument signature and `launch_env()`; cleared when full, so varied shapes cannot
+    grow it forever."""
 
     def __init__(self, max_size: int = 2048) -> None:
         self.plans: dict[Hashable, P] = {}
         self.max_size = max_size
 
     def get(self, key: Hashable, build: Callable[..., P], *args: Any) -> P:
-        """The plan of `key`, built by build(*args) (which raises on bad arguments) if new."""
+        """The plan of `key` in the current launch_env(), built by build(*args) (which raises
+        on bad arguments) if new."""
+        key = (key, launch_env())
         plan = self.plans.get(key, _MISSING)
         if plan is _MISSING:
             if len(self.plans) >= self.max_size:
@@ -108,9 +126,11 @@ class KernelLaunch:
                             f"got {sorted(self.constexprs)}")
         self._tail = scalars + tuple(self.constexprs[n] for n in names[first_constexpr:])
         self._grid3 = (grid + (1, 1))[:3]
-        # device -> (launcher, function, packed metadata) of the kernel compiled for all-aligned
-        # tensors there (CompiledKernel.run is a property: read once)
-        self._compiled: dict[int, tuple[Any, Any, Any]] = {}
+        # device -> (Triton driver, launcher, function, packed metadata) of the kernel compiled
+        # for all-aligned tensors there under that driver (CompiledKernel.run is a property:
+        # read once); another active driver (launch_stub's stand-in, or the real one back after
+        # it) takes Triton's path again
+        self._compiled: dict[int, tuple[Any, Any, Any, Any]] = {}
         self._fast = isinstance(kernel, JITFunction)
 
     def __call__(self, *tensors: torch.Tensor) -> None:
@@ -119,13 +139,13 @@ class KernelLaunch:
             device = active.get_current_device()
             known = self._compiled.get(device)
             kernel = self.kernel
-            if known is not None and not kernel.pre_run_hooks:
+            if known is not None and known[0] is active and not kernel.pre_run_hooks:
                 ptrs = [t.data_ptr() for t in tensors]
                 bits = 0
                 for p in ptrs:
                     bits |= p
                 if not bits & 15 and (not kernel.used_global_vals or self._globals_unchanged()):
-                    run, function, metadata = known
+                    _, run, function, metadata = known
                     g0, g1, g2 = self._grid3
                     # What JITFunction.run passes, less launch metadata and (empty) hooks.
                     run(g0, g1, g2, active.get_current_stream(device), function, metadata,
@@ -134,8 +154,10 @@ class KernelLaunch:
         self._launch_slow(tensors)
 
     def is_fast(self, device: int) -> bool:
-        """Whether aligned tensors are launched directly on `device` (its kernel is known)."""
-        return device in self._compiled
+        """Whether aligned tensors are launched directly on `device` (its kernel is known under
+        the active driver)."""
+        known = self._compiled.get(device)
+        return known is not None and known[0] is driver.active
 
     def _launch_slow(self, tensors: tuple[torch.Tensor, ...]) -> None:
         if not self._fast:  # an InterpretedFunction (TRITON_INTERPRET=1)
@@ -147,8 +169,9 @@ class KernelLaunch:
                                           **self.options)
         if (compiled is not None and _launch_is_plain()
                 and all(t.data_ptr() % 16 == 0 for t in tensors)):
-            self._compiled[driver.active.get_current_device()] = (
-                compiled.run, compiled.function, compiled.packed_metadata)
+            active = driver.active
+            self._compiled[active.get_current_device()] = (
+                active, compiled.run, compiled.function, compiled.packed_metadata)
 
     def _globals_unchanged(self) -> bool:
         """Triton's own guard: globals the kernel read at compile time still hold their value."""

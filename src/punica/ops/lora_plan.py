@@ -1,5 +1,7 @@
 """Launch plans of the SGMV wrappers: every argument check and launch parameter of a call, built
-once per argument signature (`launch.sig` of each tensor, the configs) and reused while it holds.
+once per argument signature (`launch.sig` of each tensor, the configs; `launch.PlanCache` adds
+`launch.launch_env()`, the interpreter setting that PDL, fences and bf16 dots follow) and reused
+while it holds. PDL also follows the device's compute capability, fixed by the device in `sig`.
 
 A plan's checks depend only on what the signature fixes (shapes, strides, dtypes, devices, the
 configs), so a call whose signature has a plan passes them; a new signature builds a plan, and
@@ -39,6 +41,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 @functools.cache
 def _pdl_supported(device_index: int) -> bool:
+    """Compute capability >= 9.0 (fixed per device index for the life of the process)."""
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
