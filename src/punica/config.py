@@ -35,7 +35,9 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV block."""
     gpu_memory_utilization: float = 0.9
-    """On CUDA: fraction of the device memory the engine may use (weights + adapters + KV)."""
+    """On CUDA: fraction of the device memory the engine may use: weights, adapter pool, the
+    steps' activations and graphs (measured by a profiled step at start), and the KV pool, which
+    takes what is left (engine/sizing.py)."""
     kv_cache_bytes: int = 256 << 20
     """On CPU: bytes of the KV pool."""
     num_blocks: int | None = None

@@ -16,8 +16,7 @@ from punica.ops.attention import DecodeSplit
 def test_padded_decode_equals_unpadded(device: torch.device, slots: list[int]) -> None:
     torch.manual_seed(0)
     rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=3, rank=8,
-                    max_tokens=16)
-    rig.attention_backend = "triton"
+                    max_tokens=16, attention="triton")
     contexts = [5, 17, 9, 30, 2][: len(slots)]
     batch = rig.batch([1] * len(slots), contexts, slots)
     kv_before = rig.kv_cache.clone()
@@ -43,8 +42,7 @@ def test_padded_mixed_step_equals_unpadded(device: torch.device, new_tokens: lis
     """Prefill chunks beside decodes, padded into a (token bucket, sequence bucket) graph."""
     torch.manual_seed(1)
     rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=3, rank=8,
-                    max_tokens=32)
-    rig.attention_backend = "triton"
+                    max_tokens=32, attention="triton")
     contexts = [9, 17, 5, 30, 3][: len(slots)]
     batch = rig.batch(new_tokens, contexts, slots)
     assert not batch.decode_only
@@ -67,7 +65,7 @@ def test_padded_mixed_step_equals_unpadded(device: torch.device, new_tokens: lis
 
 def test_refuses_steps_past_the_buckets(device: torch.device) -> None:
     rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=1, rank=8,
-                    max_tokens=16)
+                    max_tokens=16, attention="triton")
     graphs = StepGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=4,
                         max_blocks=4, device=device, capture=False, max_tokens=16)
     assert graphs.key(rig.batch([17], [17], [0])) is None
@@ -79,8 +77,7 @@ def test_refuses_steps_past_the_buckets(device: torch.device) -> None:
 def test_keys_cover_every_step_and_warmup_builds_them(device: torch.device) -> None:
     torch.manual_seed(2)
     rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=3, rank=8,
-                    max_tokens=32)
-    rig.attention_backend = "triton"
+                    max_tokens=32, attention="triton")
     graphs = StepGraphs(rig.model, rig.kv_cache, rig.rotary, rig.lora, max_batch=8,
                         max_blocks=4, device=device, capture=device.type == "cuda",
                         max_tokens=32)
@@ -113,9 +110,7 @@ def test_split_decode_graph_equals_unsplit(device: torch.device, contexts: list[
     counters are back at 0 after each replay."""
     torch.manual_seed(3)
     rig = Rig.build(tiny(), torch.float32, device, kv_tokens=256, num_slots=3, rank=8,
-                    max_tokens=16)
-    rig.attention_backend = "triton"
-    rig.decode_split = None
+                    max_tokens=16, attention="triton")
     a = rig.arch
     decode_split = DecodeSplit.allocate(32, 64, 8, a.num_heads, a.head_dim, device)
     assert decode_split is not None and decode_split.split_tokens == 32

@@ -216,7 +216,7 @@ def test_a_step_that_raises_fails_only_its_requests(family, expected, monkeypatc
                                                     caplog) -> None:
     base, adapters = family
     eng = loaded(base, adapters)
-    real_forward = eng.model.forward
+    real_forward = eng.runner.model.forward
     fired = []
 
     def forward_once_broken(ctx: object) -> torch.Tensor:
@@ -225,7 +225,7 @@ def test_a_step_that_raises_fails_only_its_requests(family, expected, monkeypatc
             raise IndexError("simulated bug in a forward pass")
         return real_forward(ctx)
 
-    monkeypatch.setattr(eng.model, "forward", forward_once_broken)
+    monkeypatch.setattr(eng.runner.model, "forward", forward_once_broken)
     eng.add_request("victim", [1, 2, 3], GREEDY, "t")
     done = {o.request_id: o for o in eng.step(updates=False)}
     assert isinstance(done["victim"].error, StepFailedError)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from punica.lora.pool import LoraPool
-from punica.models.arch import PROJECTIONS
 from punica.models.random import random_adapter, tiny
 from punica.ops.lora import workspace_numel
 
@@ -49,9 +48,9 @@ def test_reloading_a_slot_replaces_every_projection() -> None:
     assert pool.ranks[:, :, 0].eq(R).all()
     only_o = random_adapter("o", arch, 2, torch.float32, seed=3, projections=("o",))
     pool.load(0, only_o)
-    o = PROJECTIONS.index("o")
+    o = pool.layout.index["o"]
     assert pool.ranks[:, o, 0].eq(2).all()
-    others = [p for p in range(len(PROJECTIONS)) if p != o]
+    others = [p for p in range(len(pool.layout.projections)) if p != o]
     assert pool.ranks[:, others, 0].eq(0).all() and pool.scales[:, others, 0].eq(0).all()
     A, _, _, _, _ = pool.args(0, "o")
     assert torch.equal(A[0, :2], only_o.modules[(0, "o")].A)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from punica import LLM, SamplingParams
-from punica.models import llama
+from punica.models import attention_backends
 from punica.ops.attention import paged_decode
 from tests.checkpoints import make_family
 from tests.models.test_generation_vs_hf import LLAMA3_ROPE, requests_for
@@ -56,14 +56,14 @@ def test_split_decode_matches_torch_attention(device: object,
         split_calls.append(kwargs.get("workspace") is not None)
         return paged_decode(*args, **kwargs)
 
-    monkeypatch.setattr(llama, "paged_decode", counting_decode)
+    monkeypatch.setattr(attention_backends, "paged_decode", counting_decode)
     results = {}
     for backend, split_tokens in (("torch", 0), ("triton", 32)):
         llm = LLM(str(base), dtype="float32", device=str(device), max_loras=2, max_lora_rank=16,
                   max_num_batched_tokens=16, max_num_seqs=3, block_size=4, num_kv_blocks=48,
                   max_model_len=96, attention_backend=backend,
                   decode_split_tokens=split_tokens)
-        split = llm.engine.decode_split
+        split = llm.engine.runner.decode_split
         assert (split is None) == (backend == "torch")
         if split is not None:
             assert (split.workspace.num_splits, split.split_tokens) == (3, 32)

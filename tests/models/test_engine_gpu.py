@@ -58,16 +58,20 @@ def test_triton_lora_path_agrees_with_torch_path(family: tuple[Path, dict[str, P
                        block_size=4, num_kv_blocks=12)
         llm.engine.lora_pool.backend = backend
         got = llm.generate([p for p, _, _ in reqs],
-                           [SamplingParams(max_tokens=m, temperature=0.0, logprobs=1)
+                           [SamplingParams(max_tokens=m, temperature=0.0, logprobs=5)
                             for _, _, m in reqs], lora=[a for _, a, _ in reqs], use_tqdm=False)
         outs[backend] = got
     tokens = {b: [o.token_ids for o in got] for b, got in outs.items()}
     if dtype == "float32":
         assert tokens["triton"] == tokens["torch"]
-    else:  # 16-bit: compare the first-step logprob of every request, then most tokens
-        for a, b in zip(outs["triton"], outs["torch"], strict=True):
-            (ta, la), = list(a.outputs[0].logprobs[0].items())[:1]
-            assert abs(la - b.outputs[0].logprobs[0].get(ta, la)) < 0.02
+    else:  # 16-bit: each path's first token is among the other's top-5, at a logprob within
+        # 0.02 of its own; then most tokens
+        for i, (a, b) in enumerate(zip(outs["triton"], outs["torch"], strict=True)):
+            first = {"triton": a.outputs[0].logprobs[0], "torch": b.outputs[0].logprobs[0]}
+            for path, other, top in (("triton", "torch", a.token_ids[0]),
+                                     ("torch", "triton", b.token_ids[0])):
+                assert top in first[other], (i, path, top, first[other])
+                assert abs(first[path][top] - first[other][top]) < 0.02, (i, path, top, first)
         same = sum(x == y for x, y in zip(tokens["triton"], tokens["torch"], strict=True))
         assert same >= len(reqs) - 1
 
@@ -82,7 +86,7 @@ def test_decode_graphs_match_eager(family: tuple[Path, dict[str, Path]]) -> None
                             [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m in reqs],
                             lora=[a for _, a, _ in reqs], use_tqdm=False)
         tokens[eager] = [o.token_ids for o in outs]
-        assert (llm.engine.graphs is None) == eager
+        assert (llm.engine.runner.graphs is None) == eager
     assert tokens[True] == tokens[False]
 
 
@@ -94,8 +98,8 @@ def test_shrink_beside_gemm_matches_shrink_after(family: tuple[Path, dict[str, P
     tokens = {}
     for beside in (True, False):
         llm = make_llm(base, adapters, "float32", shrink_beside_gemm=beside)
-        assert (llm.engine.lora_stream is not None) == beside
-        assert (llm.engine.graphs.lora_stream is not None) == beside
+        assert (llm.engine.runner.lora_stream is not None) == beside
+        assert (llm.engine.runner.graphs.lora_stream is not None) == beside
         outs = llm.generate([p for p, _, _ in reqs],
                             [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m in reqs],
                             lora=[a for _, a, _ in reqs], use_tqdm=False)
@@ -112,12 +116,12 @@ def test_split_decode_matches_unsplit(family: tuple[Path, dict[str, Path]]) -> N
     tokens = {}
     for split_tokens in (32, 0):
         llm = make_llm(base, adapters, "float32", decode_split_tokens=split_tokens)
-        assert (llm.engine.decode_split is not None) == (split_tokens > 0)
+        assert (llm.engine.runner.decode_split is not None) == (split_tokens > 0)
         outs = llm.generate([p for p, _, _ in reqs],
                             [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m in reqs],
                             lora=[a for _, a, _ in reqs], use_tqdm=False)
         tokens[split_tokens] = [o.token_ids for o in outs]
-        used_split = any(key[3] for key in llm.engine.graphs._static)
+        used_split = any(key[3] for key in llm.engine.runner.graphs._static)
         assert used_split == (split_tokens > 0)
     assert tokens[32] == tokens[0]
 
@@ -128,7 +132,7 @@ def test_kv_pool_sized_from_free_memory_and_reclaimed_after_free(
     total = torch.cuda.mem_get_info()[1]
     for _ in range(2):  # the second engine reuses the memory the first one's cache held
         llm = make_llm(base, adapters, "float16", num_kv_blocks=None, gpu_memory_utilization=0.5)
-        kv = llm.engine.kv_cache
+        kv = llm.engine.runner.kv_cache
         assert 0.3 * total < kv.numel() * kv.element_size() < 0.5 * total
         out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0),
                            use_tqdm=False)

@@ -23,9 +23,19 @@ import torch
 
 from punica.bench.timing import copy_bandwidth_TBps, graph_us, run_info
 from punica.bench.workloads import indptr_of, segment_lengths
+from punica.models.arch import ModelArch
+from punica.models.random import llama2_7b
+from punica.models.registry import layout_of
 from punica.ops import lora
 
-GROUPS = {"qkv": (4096, (4096, 4096, 4096)), "gate_up": (4096, (11008, 11008))}
+
+def fused_groups(arch: ModelArch) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """group -> (in_features, output widths) of the family's LoRA groups of several projections
+    (LLaMA-7B: q/k/v 4096 -> 3 x 4096, gate/up 4096 -> 2 x 11008)."""
+    layout = layout_of(arch)
+    return {group: (layout.shape(arch, projs[0])[0],
+                    tuple(layout.shape(arch, p)[1] for p in projs))
+            for group, projs in layout.groups if len(projs) > 1}
 
 
 @dataclass
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     copy = copy_bandwidth_TBps()
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     rows = []
-    for group, (in_f, widths) in GROUPS.items():
+    for group, (in_f, widths) in fused_groups(llama2_7b()).items():
         for mix in ("distinct", "identical"):
             for bs in (1, 8, 32, 64):
                 b = build(mix, bs, args.rank, in_f, widths, torch.float16, device, l2)

@@ -30,6 +30,7 @@ from punica.engine.llm_engine import LLMEngine
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import SchedulerConfig
 from punica.models.random import llama2_7b, random_adapter, random_model, tiny
+from punica.models.registry import layout_of
 
 
 def add_requests(engine: LLMEngine, requests: list[tuple[int, int]],
@@ -86,8 +87,8 @@ def floor_report(engine: LLMEngine, requests: list[tuple[int, int]],
     r = textgen_floor.replay(requests, adapters, engine.config.scheduler,
                              engine.slots.num_slots, engine.scheduler.blocks.num_blocks,
                              engine.config.cache.block_size)
-    elem = engine.kv_cache.element_size()
-    floor = textgen_floor.floor_s(r, weight_bytes(engine.model),
+    elem = engine.runner.kv_cache.element_size()
+    floor = textgen_floor.floor_s(r, weight_bytes(engine.runner.model),
                                   adapter_bytes(engine.arch, rank, elem),
                                   kv_bytes_per_token(engine.arch, elem), copy_gbps)
     return {"floor_tok_s": r.tokens / floor, "floor_s": floor, "replay_steps": r.steps,
@@ -115,15 +116,19 @@ def _breakdown(s: dict[str, float]) -> str:
 
 
 def memory_report(engine: LLMEngine) -> dict[str, float]:
-    """The KV pool against the memory it was sized from, and (CUDA) the peak the caching
-    allocator reserved so far, beside the device's memory."""
-    kv = engine.kv_cache.numel() * engine.kv_cache.element_size()
-    out = {"kv_pool_gib": kv / 2**30}
-    if engine.kv_budget:
-        out["kv_share_of_budget"] = kv / engine.kv_budget
+    """How the KV pool was sized (engine/sizing.py: the budget, the step and graph reserves
+    measured at start) and (CUDA) the peak the caching allocator reserved so far, beside the
+    device's memory and the budget's ceiling (gpu_memory_utilization x that memory)."""
+    plan = engine.runner.memory
+    out = {"kv_pool_gib": plan.kv_bytes / 2**30, "step_reserve_gib": plan.step_peak / 2**30,
+           "graph_reserve_gib": plan.graph_reserve / 2**30}
+    if plan.budget:
+        out["kv_share_of_budget"] = plan.kv_bytes / plan.budget
     if engine.device.type == "cuda":
+        total = torch.cuda.get_device_properties(engine.device).total_memory
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(engine.device) / 2**30
-        out["device_gib"] = torch.cuda.get_device_properties(engine.device).total_memory / 2**30
+        out["device_gib"] = total / 2**30
+        out["ceiling_gib"] = engine.config.cache.gpu_memory_utilization * total / 2**30
     return out
 
 
@@ -145,7 +150,8 @@ def hf_peft(arch_name: str, requests: list[tuple[int, int]], adapter_ids: list[i
                       max_position_embeddings=a.max_position_embeddings, pad_token_id=0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.float16)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    layout = layout_of(a)
+    targets = [layout.leaf(p) for p in layout.projections]
     names = [f"a{i}" for i in sorted(set(adapter_ids))]
     model = get_peft_model(model, PeftLora(r=rank, lora_alpha=2 * rank, target_modules=targets,
                                            init_lora_weights=False), adapter_name=names[0])
@@ -265,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                                         stats),
                          **memory_report(engine), "warmup_s": warmup_s,
                          "rehearsal_s": rehearsal_s,
-                         "graphs": engine.graphs.num_graphs if engine.graphs else 0})
+                         "graphs": (engine.runner.graphs.num_graphs if engine.runner.graphs
+                                    else 0)})
             save()
         del engine
         gc.collect()

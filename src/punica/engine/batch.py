@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import ScheduledSeq
+from punica.engine.sequence import Sequence
 
 
 @dataclass
@@ -103,3 +105,24 @@ def build_batch(scheduled: list[ScheduledSeq], block_tables: Mapping[int, list[i
         gather_rows=as_tensor(gather_rows, torch.int64) if gather_rows else None,
         gather_src=as_tensor(gather_src, torch.int64) if gather_src else None,
     )
+
+
+def synthetic_batch(new_tokens: list[int], contexts: list[int], slots: list[int],
+                    block_size: int, device: torch.device,
+                    first_block: int | None = 0) -> tuple[Batch, int]:
+    """A batch of sequences with no requests behind them (benchmarks, memory profiling):
+    sequence b has contexts[b] tokens (id 1), the last new_tokens[b] computed this step, adapter
+    slot slots[b]. Blocks: consecutive from `first_block`, each sequence its own; None: every
+    sequence reads and writes block 0 only (a one-block cache serves any shape). Returns the
+    batch and the blocks it spans."""
+    scheduled, tables, next_block = [], {}, first_block or 0
+    for i, (n, ctx, slot) in enumerate(zip(new_tokens, contexts, slots, strict=True)):
+        seq = Sequence(i, f"b{i}", [1] * ctx, SamplingParams(), None, slot=slot)
+        blocks = -(-ctx // block_size)
+        if first_block is None:
+            tables[i] = [0] * blocks
+        else:
+            tables[i] = list(range(next_block, next_block + blocks))
+            next_block += blocks
+        scheduled.append(ScheduledSeq(seq, n, ctx - n, True))
+    return build_batch(scheduled, tables, block_size, device), next_block

@@ -29,6 +29,7 @@ import torch
 
 from punica.engine.batch import Batch
 from punica.lora.pool import LoraPool
+from punica.models.attention_backends import BACKENDS, AttentionBackend
 from punica.models.llama import CausalLM, StepContext, decode_split_of
 from punica.models.rope import Rotary
 from punica.ops.attention import DecodeSplit
@@ -39,6 +40,33 @@ MAX_MIXED_TOKENS = TOKEN_BUCKETS[-1]
 
 Key = tuple[int, int, bool, bool]
 """(token bucket, sequence bucket, decode_only, split): split only on decode-only keys."""
+
+
+def buckets_of(max_batch: int, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(sequence buckets up to max_batch, token buckets of mixed steps up to the rows the LoRA
+    workspace is sized for)."""
+    return ([b for b in BUCKETS if b < max_batch] + [max_batch],
+            [t for t in TOKEN_BUCKETS if t <= max_tokens])
+
+
+def graph_keys(buckets: list[int], token_buckets: list[int], split: bool) -> list[Key]:
+    """Every key a step can have: decode buckets (split and not, with a DecodeSplit), and
+    (token, sequence) bucket pairs of mixed steps (a mixed step has more rows than sequences, so
+    its token bucket is never below its sequence bucket)."""
+    splits = (False, True) if split else (False,)
+    decode = [(b, b, True, s) for b in buckets for s in splits]
+    return decode + [(t, b, False, False) for t in token_buckets for b in buckets if b <= t]
+
+
+def kept_bytes(keys: list[Key], vocab_size: int, max_blocks: int) -> int:
+    """Bytes every graph of `keys` keeps between replays: its static inputs (outside the graph
+    pool) and its float32 logits (inside it). What a capture frees returns to the shared pool
+    for the next capture, so the pool's transient part is that of the largest graph."""
+    total = 0
+    for tokens, seqs, _, _ in keys:
+        total += 3 * 8 * tokens + seqs * (8 + 4 * max_blocks + 4 * 4) + 4 * 2 * (seqs + 1)
+        total += 4 * seqs * vocab_size
+    return total
 
 
 @dataclass
@@ -53,7 +81,7 @@ class _Static:
 class StepGraphs:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, rotary: Rotary,
                  lora: LoraPool | None, max_batch: int, max_blocks: int, device: torch.device,
-                 attention_backend: str = "triton", capture: bool = True,
+                 attention: AttentionBackend = BACKENDS["triton"], capture: bool = True,
                  max_tokens: int = MAX_MIXED_TOKENS,
                  lora_stream: torch.cuda.Stream | None = None,
                  decode_split: DecodeSplit | None = None) -> None:
@@ -63,11 +91,9 @@ class StepGraphs:
         self.lora_stream = lora_stream
         """Side stream of the LoRA shrinks (StepContext.lora_stream): forked from and joined
         back into the capturing stream inside each graph."""
-        self.device, self.backend, self.capture = device, attention_backend, capture
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.device, self.attention, self.capture = device, attention, capture
+        self.buckets, self.token_buckets = buckets_of(max_batch, max_tokens)
         self.max_blocks = max_blocks
-        # Mixed steps: token buckets up to the rows the LoRA workspace is sized for.
-        self.token_buckets = [t for t in TOKEN_BUCKETS if t <= max_tokens]
         self._static: dict[Key, _Static] = {}
         self._pool = None
         self.capture_s = 0.0
@@ -91,13 +117,8 @@ class StepGraphs:
         return None if tokens is None else (tokens, seqs, False, False)
 
     def keys(self) -> list[Key]:
-        """Every key a step can have: decode buckets (split and not, with a DecodeSplit), and
-        (token, sequence) bucket pairs of mixed steps (a mixed step has more rows than
-        sequences, so its token bucket is never below its sequence bucket)."""
-        splits = (False, True) if self.decode_split is not None else (False,)
-        decode = [(b, b, True, split) for b in self.buckets for split in splits]
-        return decode + [(t, b, False, False) for t in self.token_buckets for b in self.buckets
-                         if b <= t]
+        """Every key a step can have (graph_keys)."""
+        return graph_keys(self.buckets, self.token_buckets, self.decode_split is not None)
 
     def warmup(self) -> float:
         """Build every graph of `keys()` now; returns the seconds it took."""
@@ -129,7 +150,7 @@ class StepGraphs:
 
     def _forward(self, s: _Static) -> torch.Tensor:
         return self.model(StepContext(s.batch, self.kv_cache, self.rotary, self.lora,
-                                      self.backend, self.lora_stream,
+                                      self.attention, self.lora_stream,
                                       self.decode_split if s.split else None))
 
     def _prepare(self, key: Key) -> _Static:
@@ -148,10 +169,11 @@ class StepGraphs:
             self.capture_s += time.perf_counter() - start
         return s
 
-    def run(self, batch: Batch, split: bool | None = None) -> torch.Tensor:
+    def run(self, batch: Batch, split: bool | None = None,
+            key: Key | None = None) -> torch.Tensor:
         """Logits [N, vocab] of the step's sampled rows (N = batch.logits_rows.numel()); split
-        as in `key`."""
-        key = self.key(batch, split)
+        as in `key`; key: `self.key(batch, split)` when the caller has it already."""
+        key = key or self.key(batch, split)
         if key is None:
             raise ValueError(f"batch: expected a decode-only batch of <= {self.buckets[-1]} "
                              "sequences or a mixed one within the token buckets "

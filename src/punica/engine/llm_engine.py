@@ -22,16 +22,14 @@ import time
 import torch
 
 from punica.config import EngineConfig
-from punica.engine.batch import build_batch
 from punica.engine.block_manager import BlockManager
-from punica.engine.cuda_graph import StepGraphs
 from punica.engine.inflight import PLACEHOLDER, InFlight, has_placeholder, real_output_ids
+from punica.engine.model_runner import ModelRunner
 from punica.engine.outputs import CompletionOutput, RequestOutput
 from punica.engine.sampler import logprobs_of, sample_tokens
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import Scheduler, SchedulerOutput
 from punica.engine.sequence import SeqStatus, Sequence
-from punica.engine.sizing import kv_blocks, kv_budget
 from punica.engine.step_stats import StepStats
 from punica.engine.stops import StopChecker
 from punica.errors import (
@@ -44,13 +42,9 @@ from punica.errors import (
     StepFailedError,
 )
 from punica.lora.peft import AdapterWeights
-from punica.lora.pool import LoraPool
 from punica.lora.registry import AdapterRegistry
 from punica.lora.slots import AdapterSlots
-from punica.models.llama import CausalLM, StepContext, decode_split_of
-from punica.models.loader import load_model
-from punica.models.rope import Rotary
-from punica.ops.attention import DecodeSplit
+from punica.models.llama import CausalLM
 from punica.tokens import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,49 +56,18 @@ class LLMEngine:
         is loaded from disk."""
         self.config = config
         mc, cc, lc = config.model, config.cache, config.lora
-        device = torch.device(mc.device if mc.device != "auto" else
-                              ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = device
-        if mc.attention_backend not in ("auto", "triton", "torch"):
-            raise ValueError("attention_backend: expected auto, triton or torch, got "
-                             f"{mc.attention_backend!r}")
-        self.attention_backend = mc.attention_backend if mc.attention_backend != "auto" else (
-            "triton" if device.type == "cuda" else "torch")
-        if model is None:
-            self.model, self.arch, self.dtype = load_model(mc.model, mc.dtype, device)
-            self.tokenizer = load_tokenizer(mc.model)
-        else:
-            self.model, self.arch = model, model.arch
-            self.dtype = model.model.embed_tokens.weight.dtype
-            self.tokenizer = None
-        self.max_model_len = mc.max_model_len or self.arch.max_position_embeddings
-        max_tokens = config.scheduler.max_num_batched_tokens
-        # The pool's kernels follow the step's: the torch backend runs the LoRA references too
-        # (a CPU engine in a test session that set TRITON_INTERPRET stays off the interpreter).
-        self.lora_pool = (LoraPool(self.arch, lc.max_loras, lc.max_lora_rank, max_tokens,
-                                   self.dtype, device,
-                                   "torch" if self.attention_backend == "torch" else "auto")
-                          if lc.max_loras > 0 else None)
-        self.lora_stream = (torch.cuda.Stream(device) if self.lora_pool is not None
-                            and self.lora_pool.capturable and lc.shrink_beside_gemm else None)
-        """The side stream of the LoRA shrinks in step graphs (StepContext.lora_stream)."""
-        graph_batch = min(config.scheduler.max_num_seqs, max_tokens, 512)
-        a = self.arch
-        self.decode_split = DecodeSplit.allocate(
-            mc.decode_split_tokens if self.attention_backend == "triton" else 0,
-            self.max_model_len, max(graph_batch, config.scheduler.max_num_seqs), a.num_heads,
-            a.head_dim, device)
-        """Decode steps with a context longer than one split run split them (StepContext)."""
-        self.kv_budget = kv_budget(cc, device) if cc.num_blocks is None else None
-        """The bytes the KV pool was sized from (None: a fixed num_blocks)."""
-        num_blocks = kv_blocks(self.arch, self.dtype, cc, device)
+        self.runner = runner = ModelRunner(config, model)
+        """The model, the KV and adapter pools, the step graphs: a step below scheduling."""
+        self.arch, self.device, self.dtype = runner.arch, runner.device, runner.dtype
+        self.max_model_len = runner.max_model_len
+        self.tokenizer = load_tokenizer(mc.model) if model is None else None
+        self.lora_pool = runner.lora_pool
+        num_blocks = runner.num_blocks
         if num_blocks * cc.block_size < self.max_model_len:
             raise CapacityError(f"the KV cache holds {num_blocks * cc.block_size} tokens, less "
                                 f"than max_model_len {self.max_model_len}: give it more memory "
                                 "or lower max_model_len")
-        self.kv_cache = torch.zeros(a.num_layers, 2, num_blocks, cc.block_size, a.num_kv_heads,
-                                    a.head_dim, dtype=self.dtype, device=device)
-        self.rotary = Rotary(a, self.max_model_len, device)
+        a = self.arch
         self.registry = AdapterRegistry(a, lc.max_lora_rank,
                                         lc.max_cpu_loras or max(4 * lc.max_loras, 32),
                                         lc.allow_pickle, self.dtype)
@@ -112,15 +75,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
                                    self.slots)
         self.stops = StopChecker(self.tokenizer, a.eos_token_ids, self.max_model_len)
-        self.generator = torch.Generator(device=device).manual_seed(mc.seed)
-        self.graphs = None
-        if device.type == "cuda" and not mc.enforce_eager and self.attention_backend == "triton":
-            self.graphs = StepGraphs(
-                self.model, self.kv_cache, self.rotary, self.lora_pool,
-                max_batch=graph_batch,
-                max_blocks=-(-self.max_model_len // cc.block_size), device=device,
-                max_tokens=max_tokens, lora_stream=self.lora_stream,
-                decode_split=self.decode_split)
+        self.generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_failures": 0,
                       "step_failures": 0}
         self.step_stats = StepStats()
@@ -326,9 +281,7 @@ class LLMEngine:
     def warmup(self) -> float:
         """Capture every step graph now (a server's start, a benchmark's untimed part) rather
         than on the first step of each shape; returns the seconds it took (0 without graphs)."""
-        if self.graphs is None or (self.lora_pool is not None and not self.lora_pool.capturable):
-            return 0.0
-        return self.graphs.warmup()
+        return self.runner.warmup()
 
     def _needs_history(self) -> bool:
         """Whether a request's sampling reads its previous tokens on the host (penalties): a
@@ -347,28 +300,20 @@ class LLMEngine:
         """Load adapters, build the batch (rows of placeholders read `prev`'s tokens on the
         device), run the forward pass and sample on the device."""
         st = self.step_stats
-        batch = build_batch(out.scheduled, self.scheduler.blocks.tables,
-                            self.config.cache.block_size, self.device,
-                            prev.gather_index() if prev is not None else None)
-        if batch.gather_rows is not None:
-            batch.input_ids.index_copy_(0, batch.gather_rows,
-                                        prev.tokens.index_select(0, batch.gather_src))
-        uses_lora = self.lora_pool is not None and any(s.seq.slot >= 0 for s in batch.order)
+        runner = self.runner
+        batch = runner.prepare(out.scheduled, self.scheduler.blocks.tables, prev)
         t1 = time.perf_counter()
         st.schedule_s += t1 - t0
-        # The graphs hold the pool's add_lora calls even in steps without LoRA rows.
-        if self.graphs is not None and (self.lora_pool is None or self.lora_pool.capturable) \
-                and self.graphs.key(batch) is not None:
-            logits = self.graphs.run(batch)
+        # Eager steps run each shrink after its GEMM: a stream fork and join per projection is
+        # host time, and an eager decode step with them was host-bound (21.3 ms against 8.0 ms
+        # of GPU work at bs 32, benchmarks/results/step_profile.json).
+        key = runner.graph_key_of(batch)
+        if key is not None:
+            assert runner.graphs is not None
+            logits = runner.graphs.run(batch, key=key)
             st.graph_steps += 1
         else:
-            # Eager steps run each shrink after its GEMM: a stream fork and join per projection
-            # is host time, and an eager decode step with them was host-bound (21.3 ms against
-            # 8.0 ms of GPU work at bs 32, benchmarks/results/step_profile.json).
-            ctx = StepContext(batch, self.kv_cache, self.rotary, self.lora_pool if uses_lora
-                              else None, self.attention_backend,
-                              decode_split=decode_split_of(self.decode_split, batch))
-            logits = self.model(ctx)
+            logits = runner.execute(batch, use_graphs=False)
             st.eager_steps += 1
         self.scheduler.advance(out)
         t2 = time.perf_counter()
@@ -390,7 +335,7 @@ class LLMEngine:
         failed = False
         for slot, name in out.loads:
             try:
-                self.lora_pool.load(slot, self.registry.get(name))
+                self.runner.load_adapter(slot, self.registry.get(name))
             except Exception as err:  # noqa: BLE001 - charged to the adapter
                 if not isinstance(err, PunicaError):
                     log.error("filling slot %d with adapter %r failed", slot, name,

@@ -1,12 +1,52 @@
-"""How many KV blocks fit: a byte budget on CPU, free device memory x utilisation on CUDA."""
+"""How many KV blocks fit: a byte budget on CPU; on CUDA what is left under
+gpu_memory_utilization x the device's memory once everything else is counted.
+
+On CUDA, everything else is: what is allocated when the pool is sized (weights, adapter pool,
+workspaces, rotary tables), plus what a step needs beside them, measured by running one (as vLLM
+does): the peak of an eager step of the largest batch (max_num_batched_tokens rows over
+min(max_num_seqs, rows) sequences, every row through the LoRA pool, then sampling with top-p,
+top-k, penalties and logprobs), plus the step graphs' private pool: the peak of the largest graph
+shape, run eagerly the same way, and the logits and static inputs every graph keeps
+(`cuda_graph.kept_bytes`). The profile runs over a one-block KV cache that every sequence reads
+and writes (the kernels' memory does not depend on where the blocks are).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from punica.config import CacheConfig
+from punica.engine.batch import synthetic_batch
+from punica.engine.cuda_graph import buckets_of, graph_keys, kept_bytes
+from punica.engine.sampler import sample_tokens
+from punica.engine.sampling_params import SamplingParams
 from punica.errors import CapacityError
 from punica.models.arch import ModelArch
+from punica.models.llama import StepContext
+
+if TYPE_CHECKING:
+    from punica.engine.model_runner import ModelRunner
+
+PROFILE_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.01,
+                                presence_penalty=0.5, repetition_penalty=1.1, logprobs=20)
+"""Sampling of the profiled step: every path of the sampler that allocates [N, vocab]."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the KV pool was sized (bytes)."""
+
+    num_blocks: int
+    budget: int | None
+    """What the KV pool and the step reserves may take together (None: num_blocks was fixed)."""
+    step_peak: int = 0
+    """An eager step of the largest batch, beside the persistent tensors."""
+    graph_reserve: int = 0
+    """The step graphs' private pool and static inputs."""
+    kv_bytes: int = 0
 
 
 def kv_bytes_per_block(arch: ModelArch, dtype: torch.dtype, block_size: int) -> int:
@@ -15,27 +55,73 @@ def kv_bytes_per_block(arch: ModelArch, dtype: torch.dtype, block_size: int) -> 
 
 
 def kv_budget(cache: CacheConfig, device: torch.device) -> int:
-    """Bytes the KV pool may take: on CUDA, the memory left under gpu_memory_utilization x the
-    device's memory by what is allocated now (weights, adapter pool); on CPU, kv_cache_bytes."""
+    """Bytes left: on CUDA, under gpu_memory_utilization x the device's memory by what is
+    allocated now (by anyone); on CPU, kv_cache_bytes."""
     if device.type != "cuda":
         return cache.kv_cache_bytes
     free, total = torch.cuda.mem_get_info(device)
-    # Blocks the caching allocator holds but no tensor uses (e.g. an engine freed earlier in this
-    # process) are ours to take too.
+    # Blocks the caching allocator holds but no tensor uses (the profile's, an engine freed
+    # earlier in this process) are ours to take too.
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(free - (1 - cache.gpu_memory_utilization) * total)
 
 
-def kv_blocks(arch: ModelArch, dtype: torch.dtype, cache: CacheConfig,
-              device: torch.device) -> int:
-    """Blocks for the KV pool; weights and adapter pools are already allocated when called."""
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    per_block = kv_bytes_per_block(arch, dtype, cache.block_size)
-    budget = kv_budget(cache, device)
-    blocks = budget // per_block
+def plan_memory(runner: ModelRunner) -> MemoryPlan:
+    """Size the KV pool of a runner whose other tensors are allocated (see module docstring)."""
+    cc = runner.config.cache
+    per_block = kv_bytes_per_block(runner.arch, runner.dtype, cc.block_size)
+    if cc.num_blocks is not None:
+        return MemoryPlan(cc.num_blocks, None, kv_bytes=cc.num_blocks * per_block)
+    step_peak = graph_reserve = 0
+    if runner.device.type == "cuda":
+        sc = runner.config.scheduler
+        step_peak = profile_step(runner, runner.max_tokens,
+                                 min(sc.max_num_seqs, runner.max_tokens))
+        if runner.graphs_enabled:
+            buckets, token_buckets = buckets_of(runner.graph_batch, runner.max_tokens)
+            rows = max(token_buckets + buckets)
+            graph_reserve = profile_step(runner, rows, min(rows, buckets[-1]), sample=False)
+            keys = graph_keys(buckets, token_buckets, runner.decode_split is not None)
+            graph_reserve += kept_bytes(keys, runner.arch.vocab_size, runner.max_blocks)
+    budget = kv_budget(cc, runner.device)
+    kv = budget - step_peak - graph_reserve
+    blocks = max(0, kv) // per_block
     if blocks < 1:
-        raise CapacityError(f"no memory left for the KV cache ({budget} bytes budget, "
-                            f"{per_block} bytes per block): raise gpu_memory_utilization, free "
-                            "other users of the GPU, or set num_kv_blocks")
-    return int(blocks)
+        raise CapacityError(
+            f"no memory left for the KV cache: {budget / 2**30:.2f} GiB left under "
+            f"gpu_memory_utilization, a step of the largest batch needs "
+            f"{step_peak / 2**30:.2f} GiB and the step graphs {graph_reserve / 2**30:.2f} GiB "
+            f"({per_block} bytes per block): raise gpu_memory_utilization, lower "
+            "max_num_batched_tokens or max_num_seqs, free other users of the GPU, or set "
+            "num_kv_blocks")
+    return MemoryPlan(int(blocks), budget, step_peak, graph_reserve, int(blocks) * per_block)
+
+
+def profile_step(runner: ModelRunner, rows: int, seqs: int, sample: bool = True) -> int:
+    """Peak bytes allocated beside what exists now by one eager step of `rows` prefill rows
+    over `seqs` sequences (every row through the LoRA pool when there is one), and with
+    `sample` the sampling of one token per sequence. Runs on any device; measures on CUDA
+    (0 elsewhere)."""
+    a, device, bs = runner.arch, runner.device, runner.config.cache.block_size
+    seqs = max(1, min(seqs, rows))
+    new = [rows // seqs + (i < rows % seqs) for i in range(seqs)]
+    slot = 0 if runner.lora_pool is not None else -1
+    batch, _ = synthetic_batch(new, new, [slot] * seqs, bs, device, first_block=None)
+    kv = torch.zeros(a.num_layers, 2, 1, bs, a.num_kv_heads, a.head_dim, dtype=runner.dtype,
+                     device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    ctx = StepContext(batch, kv, runner.rotary, runner.lora_pool, runner.attention)
+    logits = runner.model(ctx)
+    if sample:
+        prompts = [s.seq.prompt_ids for s in batch.sampled]
+        gen = torch.Generator(device=device).manual_seed(0)
+        sample_tokens(logits, [PROFILE_PARAMS] * len(prompts), prompts,
+                      [[] for _ in prompts], [None] * len(prompts), gen)
+    if not cuda:
+        return 0
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)

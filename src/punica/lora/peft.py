@@ -5,13 +5,15 @@ Refused with AdapterLoadError and a reason: missing or unreadable files, files t
 of the adapter root or are not regular files, pickle-only weights (unless allowed), configs of
 the wrong types (not an object, a non-integer r, an invalid alpha_pattern regex), a non-LoRA
 peft_type, DoRA, modules_to_save, fan_in_fan_out, trained biases, target modules outside the
-seven projections, shapes that do not match the base (k/v sized for grouped-query attention),
+projections of the base's family (`registry.layout_of`: the seven of LLaMA), shapes that do not
+match the base (k/v sized for grouped-query attention),
 ranks of 0 or above max_lora_rank, 0-d or integer tensors, scales or weights that are not
 finite in float32 / the pool's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -23,10 +25,25 @@ from pathlib import Path
 import torch
 
 from punica.lora.files import FileStamp, fail, patterns, read_file
-from punica.models.arch import PROJECTIONS, ModelArch
+from punica.models.arch import ModelArch
+from punica.models.layout import LoraLayout
+from punica.models.registry import layout_of
 
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
-                  r"\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+@functools.cache
+def _key_pattern(layout: LoraLayout) -> tuple[re.Pattern[str], dict[str, str]]:
+    """The PEFT weight names of the layout's projections ((layer, module path, A or B) groups),
+    and each module path's projection."""
+    paths = {path: proj for proj, path in layout.modules}
+    alternatives = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
+    layers = re.escape(layout.layers.rsplit(".", 1)[-1])
+    return re.compile(rf"(?:^|\.){layers}\.(\d+)\.({alternatives})"
+                      r"\.lora_([AB])(?:\.[^.]+)?\.weight$"), paths
+
+
+def _names(layout: LoraLayout) -> str:
+    *most, last = layout.projections
+    return f"{', '.join(most)} or {last}" if most else last
 
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -157,35 +174,39 @@ def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
     path = Path(path)
     root = Path(root).resolve() if root is not None else None
     cfg, tensors, stamps = read_adapter_files(path, root, allow_pickle)
+    layout = layout_of(arch)
+    pattern, projection_of = _key_pattern(layout)
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        match = _KEY.search(key)
+        match = pattern.search(key)
         if match is None:
-            raise fail(path, f"weight {key!r} is not a LoRA A/B of q, k, v, o, gate, up or "
-                              "down projections (embeddings, lm_head and others are refused)")
-        layer, proj, half = int(match[1]), match[2], match[3]
+            raise fail(path, f"weight {key!r} is not a LoRA A/B of {_names(layout)} "
+                              "projections (embeddings, lm_head and others are refused)")
+        layer, proj, half = int(match[1]), projection_of[match[2]], match[3]
         pair = halves.setdefault((layer, proj), {})
         if half in pair:
-            raise fail(path, f"layer {layer} {proj}_proj: two lora_{half} tensors ({key!r} "
-                              "and another)")
+            raise fail(path, f"layer {layer} {layout.leaf(proj)}: two lora_{half} tensors "
+                              f"({key!r} and another)")
         pair[half] = value
     modules = {}
     for (layer, proj), pair in sorted(halves.items()):
-        modules[(layer, proj)] = _module(path, cfg, arch, max_rank, layer, proj, pair, dtype)
+        modules[(layer, proj)] = _module(path, cfg, arch, layout, max_rank, layer, proj, pair,
+                                         dtype)
     if not modules:
         raise fail(path, "no LoRA weights found")
     return AdapterWeights(name=name, path=str(path), modules=modules, stamps=stamps)
 
 
-def _module(path: Path, cfg: dict, arch: ModelArch, max_rank: int, layer: int, proj: str,
-            pair: dict[str, torch.Tensor], dtype: torch.dtype | None) -> ModuleLora:
-    where = f"layer {layer} {proj}_proj"
+def _module(path: Path, cfg: dict, arch: ModelArch, layout: LoraLayout, max_rank: int,
+            layer: int, proj: str, pair: dict[str, torch.Tensor],
+            dtype: torch.dtype | None) -> ModuleLora:
+    where = f"layer {layer} {layout.leaf(proj)}"
     if layer >= arch.num_layers:
         raise fail(path, f"{where}: the base model has {arch.num_layers} layers")
     if set(pair) != {"A", "B"}:
         raise fail(path, f"{where}: lora_A and lora_B must both be present")
     A, B = pair["A"], pair["B"]
-    in_f, out_f = arch.proj_shape(proj)
+    in_f, out_f = layout.shape(arch, proj)
     if A.dim() != 2 or B.dim() != 2:
         raise fail(path, f"{where}: expected 2-d lora_A and lora_B, got {A.dim()}-d and "
                           f"{B.dim()}-d tensors")
@@ -200,8 +221,7 @@ def _module(path: Path, cfg: dict, arch: ModelArch, max_rank: int, layer: int, p
                           f"{tuple(A.shape)} and {tuple(B.shape)} (an adapter for another base?)")
     if rank > max_rank:
         raise fail(path, f"{where}: rank {rank} exceeds max_lora_rank {max_rank}")
-    module = f"model.layers.{layer}.{'mlp' if proj in ('gate', 'up', 'down') else 'self_attn'}" \
-             f".{proj}_proj"
+    module = layout.module_name(layer, proj)
     targets = cfg.get("target_modules")
     if isinstance(targets, list) and not any(module == t or module.endswith("." + t)
                                              for t in targets):
@@ -221,4 +241,4 @@ def _module(path: Path, cfg: dict, arch: ModelArch, max_rank: int, layer: int, p
     return ModuleLora(A=A.contiguous(), B=B.contiguous(), scale=float(scale))
 
 
-__all__ = ["AdapterWeights", "ModuleLora", "PROJECTIONS", "load_adapter"]
+__all__ = ["AdapterWeights", "ModuleLora", "load_adapter"]

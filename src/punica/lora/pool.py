@@ -1,6 +1,7 @@
 """The adapter weight pool: per layer, one preallocated A and B tensor per LoRA group (the
-projections of one fused GEMM: q/k/v, o, gate/up, down; `arch.LORA_GROUPS`), plus per-slot ranks
-and scales per projection, indexed by int32 slot.
+projections of one fused GEMM, as the model's family lays them out: `registry.layout_of(arch)`;
+for Llama q/k/v, o, gate/up, down), plus per-slot ranks and scales per projection, indexed by
+int32 slot.
 
 Layout (the sliced add_lora of `ops/lora.py`): a group of S projections with per-projection max
 rank R has A [num_slots, S*R, in] (projection i in rows i*R..) and B [num_slots, R, sum(out)]
@@ -17,10 +18,11 @@ import torch
 
 from punica.lora.host_stage import HostStage
 from punica.lora.peft import AdapterWeights
-from punica.models.arch import LORA_GROUPS, PROJECTIONS, ModelArch
+from punica.models.arch import ModelArch
+from punica.models.registry import layout_of
 from punica.ops import lora as lora_ops
+from punica.ops.checks import MAX_SLICES
 
-MAX_GROUP = max(len(projs) for _, projs in LORA_GROUPS)
 HOST_STAGE_BYTES = 4 << 30
 """Pinned host copies of adapter weights kept for fast slot loads (about 50 rank-16 adapters of
 a 7B model)."""
@@ -34,22 +36,28 @@ class LoraPool:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.backend = backend
         """auto: Triton kernels on CUDA, torch reference on CPU; torch: the reference anywhere."""
+        self.layout = layout = layout_of(arch)
         # proj -> (group, index in the group, first output column, width)
         self.place: dict[str, tuple[str, int, int, int]] = {}
         self.slices: dict[str, tuple[int, ...]] = {}
         """Output widths per group for add_lora (() for a single projection)."""
         self.first: dict[str, int] = {}
-        """Index in PROJECTIONS (and the ranks / scales tables) of each group's first member."""
+        """Index in layout.projections (and the ranks / scales tables) of each group's first
+        member."""
         shapes: dict[str, tuple[int, int, int]] = {}
-        for group, projs in LORA_GROUPS:
-            widths = [arch.proj_shape(p)[1] for p in projs]
+        for group, projs in layout.groups:
+            in_fs = {layout.shape(arch, p)[0] for p in projs}
+            if len(in_fs) != 1 or len(projs) > MAX_SLICES:
+                raise ValueError(f"LoRA group {group} {projs}: expected at most {MAX_SLICES} "
+                                 f"projections of one input width, got widths {sorted(in_fs)}")
+            widths = [layout.shape(arch, p)[1] for p in projs]
             start = 0
             for i, (proj, width) in enumerate(zip(projs, widths, strict=True)):
                 self.place[proj] = (group, i, start, width)
                 start += width
             self.slices[group] = tuple(widths) if len(projs) > 1 else ()
-            self.first[group] = PROJECTIONS.index(projs[0])
-            shapes[group] = (len(projs), arch.proj_shape(projs[0])[0], start)
+            self.first[group] = layout.index[projs[0]]
+            shapes[group] = (len(projs), in_fs.pop(), start)
         self.A: list[dict[str, torch.Tensor]] = []
         self.B: list[dict[str, torch.Tensor]] = []
         for _ in range(arch.num_layers):
@@ -57,10 +65,11 @@ class LoraPool:
                                           device=device) for g, (n, in_f, _) in shapes.items()})
             self.B.append({g: torch.zeros(num_slots, max_rank, out_f, dtype=dtype,
                                           device=device) for g, (_, _, out_f) in shapes.items()})
-        shape = (arch.num_layers, len(PROJECTIONS), num_slots)
+        shape = (arch.num_layers, len(layout.projections), num_slots)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=device)
         self.scales = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.workspace = torch.zeros(lora_ops.workspace_numel(max_tokens, max_rank, MAX_GROUP),
+        widest = max(len(projs) for _, projs in layout.groups)
+        self.workspace = torch.zeros(lora_ops.workspace_numel(max_tokens, max_rank, widest),
                                      dtype=torch.float32, device=device)
         self.dtype = dtype
         self.stage = HostStage(HOST_STAGE_BYTES, pin=self.ranks.is_cuda)
@@ -85,7 +94,7 @@ class LoraPool:
             self.A[layer][group][slot, i * R: i * R + m.rank].copy_(a, non_blocking=pin)
             self.B[layer][group][slot, : m.rank, start:start + width].copy_(bt,
                                                                           non_blocking=pin)
-            p = PROJECTIONS.index(proj)
+            p = self.layout.index[proj]
             ranks[layer, p], scales[layer, p] = m.rank, m.scale
         self.ranks[:, :, slot].copy_(ranks, non_blocking=pin)
         self.scales[:, :, slot].copy_(scales, non_blocking=pin)

@@ -12,11 +12,6 @@ from pathlib import Path
 from punica.errors import ModelLoadError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-# Projections that read the same input and write side by side into one fused GEMM output: their
-# LoRA deltas run as one sliced add_lora (ops/lora.py). In PROJECTIONS order, each contiguous.
-LORA_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("qkv", ("q", "k", "v")), ("o", ("o",)), ("gate_up", ("gate", "up")), ("down", ("down",)))
 
 
 @dataclass(frozen=True)
@@ -42,12 +37,11 @@ class ModelArch:
     """config.json's `architectures` (models/registry.py picks the model class by them)."""
 
     def proj_shape(self, proj: str) -> tuple[int, int]:
-        """(in_features, out_features) of a projection; k/v sized for grouped-query attention."""
-        h = self.hidden_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h),
-                "gate": (h, self.intermediate_size), "up": (h, self.intermediate_size),
-                "down": (self.intermediate_size, h)}[proj]
+        """(in_features, out_features) of a LoRA projection, as this model's family defines it
+        (`registry.layout_of(self).shape`)."""
+        from punica.models.registry import layout_of
+
+        return layout_of(self).shape(self, proj)
 
 
 def _rope(cfg: object) -> tuple[float, tuple[tuple[str, float], ...]]:

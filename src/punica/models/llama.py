@@ -6,7 +6,7 @@ Parameter names mirror the Hugging Face checkpoints, so weights load by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +15,12 @@ from torch import nn
 from punica.engine.batch import Batch
 from punica.lora.pool import LoraPool
 from punica.models.arch import ModelArch
+from punica.models.attention_backends import AttentionBackend
+from punica.models.layout import LoraLayout
 from punica.models.registry import register
 from punica.models.rope import Rotary
 from punica.ops import fused
-from punica.ops.attention import (
-    DecodeSplit,
-    paged_decode,
-    paged_prefill,
-    rotary_write_kv_cache,
-)
-from punica.ops.attention_ref import paged_attention_ref, write_kv
+from punica.ops.attention import DecodeSplit
 from punica.ops.lora import add_lora, add_lora_beside
 from punica.ops.lora_ref import add_lora_ref
 
@@ -37,20 +33,25 @@ class StepContext:
     kv_cache: torch.Tensor  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
     rotary: Rotary
     lora: LoraPool | None
-    attention_backend: str = "torch"
-    """The kernels of the step. torch: the references (any device); triton: the paged
-    attention and fused kernels (CUDA, or the interpreter)."""
+    attention: AttentionBackend
+    """The step's attention (models/attention_backends.py); its `fused_kernels` says whether
+    the other fused ops run as Triton kernels or as their torch references."""
     lora_stream: torch.cuda.Stream | None = None
     """The side stream each LoRA shrink runs on beside its projection's GEMM (add_lora_beside);
     None: the shrink follows the GEMM on the current stream."""
     decode_split: DecodeSplit | None = None
     """Decode attention splits each context over several programs (DecodeSplit); None: one
     program per sequence and KV head. The caller decides per step (DecodeSplit.wanted)."""
+    attention_meta: object = field(init=False)
+    """The attention backend's metadata of this batch, built once for every layer."""
+
+    def __post_init__(self) -> None:
+        self.attention_meta = self.attention.metadata(self.batch, self.decode_split)
 
     @property
     def triton(self) -> bool:
         """Whether the fused ops run as Triton kernels (else their torch references)."""
-        return self.attention_backend == "triton"
+        return self.attention.fused_kernels
 
 
 def decode_split_of(split: DecodeSplit | None, batch: Batch) -> DecodeSplit | None:
@@ -79,6 +80,22 @@ class RMSNorm(nn.Module):
         return fused.add_rms_norm(x, residual, self.weight, self.eps, triton)
 
 
+def lora_shape(arch: ModelArch, proj: str) -> tuple[int, int]:
+    """(in_features, out_features) of a projection; k/v sized for grouped-query attention."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i),
+            "down": (i, h)}[proj]
+
+
+# The seven LoRA projections of the family, grouped as the fused GEMMs below compute them.
+LORA_LAYOUT = LoraLayout(
+    groups=(("qkv", ("q", "k", "v")), ("o", ("o",)), ("gate_up", ("gate", "up")),
+            ("down", ("down",))),
+    modules=tuple((p, f"self_attn.{p}_proj") for p in ("q", "k", "v", "o"))
+    + tuple((p, f"mlp.{p}_proj") for p in ("gate", "up", "down")),
+    shape=lora_shape)
+
 # Checkpoint projections stored as one fused weight here (rows concatenated in this order): one
 # GEMM instead of three (two), each projection's LoRA added into its column slice of the output.
 FUSED_PROJECTIONS = {
@@ -90,7 +107,7 @@ FUSED_PROJECTIONS = {
 def _project(linear: nn.Linear, x: torch.Tensor, ctx: StepContext, layer: int,
              group: str) -> torch.Tensor:
     """x @ W.T (+ bias), plus the batch's LoRA deltas of the projections of `group`
-    (arch.LORA_GROUPS), each into its column slice of the output: one add_lora call (its shrink
+    (LORA_LAYOUT.groups), each into its column slice of the output: one add_lora call (its shrink
     beside the GEMM on ctx.lora_stream when there is one)."""
     if ctx.lora is None:
         return F.linear(x, linear.weight, linear.bias)
@@ -121,7 +138,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, arch.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        a, b, n = self.arch, ctx.batch, x.shape[0]
+        a, n = self.arch, x.shape[0]
         qkv = _project(self.qkv_proj, x, ctx, self.layer, "qkv")
         qs, ks = self.q_size, self.kv_size
         q = qkv[:, :qs].view(n, a.num_heads, a.head_dim)
@@ -129,27 +146,9 @@ class Attention(nn.Module):
         v = qkv[:, qs + ks:].view(n, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q, ctx.triton), self.k_norm(k, ctx.triton)
-        rot = ctx.rotary
-        k_cache, v_cache = ctx.kv_cache[self.layer, 0], ctx.kv_cache[self.layer, 1]
-        scale = a.head_dim**-0.5
-        if ctx.attention_backend == "triton":
-            rotary_write_kv_cache(q, k, v, b.positions, rot.cos, rot.sin, k_cache, v_cache,
-                                  b.slot_mapping)
-            out = torch.empty_like(q)
-            if b.decode_only:
-                split = ctx.decode_split
-                paged_decode(q, k_cache, v_cache, b.seq_lens_t, b.block_tables_t, scale, out,
-                             max_context=split.max_context if split else None,
-                             workspace=split.workspace if split else None)
-            else:
-                paged_prefill(q, k_cache, v_cache, b.cu_seqlens_q_t, b.seq_lens_t,
-                              b.block_tables_t, scale, out)
-        else:
-            fused.rotary_(q, b.positions, rot.cos, rot.sin, triton=False)
-            fused.rotary_(k, b.positions, rot.cos, rot.sin, triton=False)
-            write_kv(k_cache, v_cache, k, v, b.slot_mapping)
-            out = paged_attention_ref(q, k_cache, v_cache, b.cu_seqlens_q, b.seq_lens,
-                                      b.block_tables, scale)
+        out = ctx.attention.attend(q, k, v, ctx.kv_cache[self.layer, 0],
+                                   ctx.kv_cache[self.layer, 1], ctx.rotary, a.head_dim**-0.5,
+                                   ctx.attention_meta)
         return _project(self.o_proj, out.view(n, -1), ctx, self.layer, "o")
 
 
@@ -194,7 +193,7 @@ class Backbone(nn.Module):
 
 
 @register(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"),
-          ("llama", "mistral", "qwen2", "qwen3"))
+          ("llama", "mistral", "qwen2", "qwen3"), layout=LORA_LAYOUT)
 class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from punica.lora.peft import AdapterWeights, ModuleLora
-from punica.models.arch import PROJECTIONS, ModelArch
+from punica.models.arch import ModelArch
 from punica.models.llama import CausalLM
+from punica.models.registry import layout_of
 
 
 def llama2_7b() -> ModelArch:
@@ -45,17 +46,19 @@ def random_model(arch: ModelArch, dtype: torch.dtype, device: torch.device,
 
 
 def random_adapter(name: str, arch: ModelArch, rank: int, dtype: torch.dtype = torch.float16,
-                   seed: int = 0, projections: tuple[str, ...] = PROJECTIONS,
+                   seed: int = 0, projections: tuple[str, ...] | None = None,
                    shared: AdapterWeights | None = None) -> AdapterWeights:
-    """Rank-`rank` LoRA on `projections` of every layer; `shared` reuses another's tensors under
-    a new name (distinct slots, same bytes: host memory stays small for many adapters)."""
+    """Rank-`rank` LoRA on `projections` (default: all of the family's, `layout_of(arch)`) of
+    every layer; `shared` reuses another's tensors under a new name (distinct slots, same bytes:
+    host memory stays small for many adapters)."""
     if shared is not None:
         return AdapterWeights(name=name, path="", modules=shared.modules)
+    layout = layout_of(arch)
     gen = torch.Generator().manual_seed(seed)
     modules = {}
     for layer in range(arch.num_layers):
-        for proj in projections:
-            in_f, out_f = arch.proj_shape(proj)
+        for proj in layout.projections if projections is None else projections:
+            in_f, out_f = layout.shape(arch, proj)
             A = (torch.randn(rank, in_f, generator=gen) * in_f**-0.5).to(dtype)
             B = (torch.randn(out_f, rank, generator=gen) * 0.01).to(dtype)
             modules[(layer, proj)] = ModuleLora(A=A, B=B, scale=2.0)
