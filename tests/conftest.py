@@ -29,3 +29,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def device() -> torch.device:
     """Where kernel tests run: the GPU when there is one, else the CPU under the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _uncapped_cuda_allocator() -> object:
+    """An engine sized by gpu_memory_utilization caps the process's CUDA allocator
+    (engine/sizing.py `cap_process`); the next test starts without that cap."""
+    yield
+    if HAS_CUDA:
+        torch.cuda.set_per_process_memory_fraction(1.0)

@@ -47,7 +47,15 @@ def test_peak_stays_inside_the_budget(utilization: float) -> None:
     engine = LLMEngine(config, model=model)
     plan = engine.runner.memory
     assert plan.step_peak > GIB // 4 and plan.graph_reserve > 0  # the reserves were measured
+    mib = 2**20
+
+    def stage(name: str) -> str:
+        return (f"{name}: allocated {torch.cuda.memory_allocated(dev) // mib} MiB, reserved "
+                f"{torch.cuda.memory_reserved(dev) // mib} MiB")
+
+    stages = [stage("built")]
     engine.warmup()
+    stages.append(stage("warm"))
     for i in range(4):
         engine.add_lora_weights(random_adapter(f"a{i}", arch, 16, torch.bfloat16, seed=i))
     # The largest step: 256 prompts of 32 tokens in one 8,192-row prefill, every sampling
@@ -64,7 +72,11 @@ def test_peak_stays_inside_the_budget(utilization: float) -> None:
     ceiling = utilization * total
     said = (f"peak {peak / GIB:.2f} GiB, ceiling {ceiling / GIB:.2f} GiB, KV "
             f"{plan.kv_bytes / GIB:.2f} GiB, step reserve {plan.step_peak / GIB:.2f} GiB, "
-            f"graph reserve {plan.graph_reserve / GIB:.2f} GiB")
+            f"graph reserve {plan.graph_reserve / GIB:.2f} GiB; outside {outside // mib} MiB; "
+            + "; ".join(stages) + f"; run: max allocated "
+            f"{torch.cuda.max_memory_allocated(dev) // mib} MiB, max reserved "
+            f"{torch.cuda.max_memory_reserved(dev) // mib} MiB, step {plan.step_peak // mib}, "
+            f"graphs {plan.graph_reserve // mib}")
     print(said)
     assert peak <= ceiling, said
     # and the reserves are not a gross over-estimate: the run came within 1.5 GiB of them

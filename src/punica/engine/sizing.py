@@ -7,8 +7,10 @@ does): the peak of an eager step of the largest batch (max_num_batched_tokens ro
 min(max_num_seqs, rows) sequences, every row through the LoRA pool, then sampling with top-p,
 top-k, penalties and logprobs), plus the step graphs' private pool: the peak of the largest graph
 shape, run eagerly the same way, and the logits and static inputs every graph keeps
-(`cuda_graph.kept_bytes`). The profile runs over a one-block KV cache that every sequence reads
-and writes (the kernels' memory does not depend on where the blocks are).
+(`cuda_graph.kept_bytes`). The caching allocator is capped at the same ceiling (`cap_process`),
+so its fragmentation cannot carry the process past it. The profile runs over a one-block KV cache
+that every sequence reads and writes (the kernels' memory does not depend on where the blocks
+are).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ PROFILE_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.01
 """Sampling of the profiled step: every path of the sampler that allocates [N, vocab]."""
 
 
+STRANDED = 1.25
+"""The step reserve over the profiled step's peak: free bytes left inside segments the caching
+allocator still uses, which no large tensor can take (at the process cap it frees only whole free
+segments). On the H200 a run's cached blocks came to 1.4x its step's peak without the cap."""
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How the KV pool was sized (bytes)."""
@@ -43,7 +51,7 @@ class MemoryPlan:
     budget: int | None
     """What the KV pool and the step reserves may take together (None: num_blocks was fixed)."""
     step_peak: int = 0
-    """An eager step of the largest batch, beside the persistent tensors."""
+    """An eager step of the largest batch beside the persistent tensors, times STRANDED."""
     graph_reserve: int = 0
     """The step graphs' private pool and static inputs."""
     kv_bytes: int = 0
@@ -75,8 +83,8 @@ def plan_memory(runner: ModelRunner) -> MemoryPlan:
     step_peak = graph_reserve = 0
     if runner.device.type == "cuda":
         sc = runner.config.scheduler
-        step_peak = profile_step(runner, runner.max_tokens,
-                                 min(sc.max_num_seqs, runner.max_tokens))
+        step_peak = int(STRANDED * profile_step(runner, runner.max_tokens,
+                                                min(sc.max_num_seqs, runner.max_tokens)))
         if runner.graphs_enabled:
             buckets, token_buckets = buckets_of(runner.graph_batch, runner.max_tokens)
             rows = max(token_buckets + buckets)
@@ -84,6 +92,8 @@ def plan_memory(runner: ModelRunner) -> MemoryPlan:
             keys = graph_keys(buckets, token_buckets, runner.decode_split is not None)
             graph_reserve += kept_bytes(keys, runner.arch.vocab_size, runner.max_blocks)
     budget = kv_budget(cc, runner.device)
+    if runner.device.type == "cuda":
+        cap_process(runner.device, budget)
     kv = budget - step_peak - graph_reserve
     blocks = max(0, kv) // per_block
     if blocks < 1:
@@ -95,6 +105,17 @@ def plan_memory(runner: ModelRunner) -> MemoryPlan:
             "max_num_batched_tokens or max_num_seqs, free other users of the GPU, or set "
             "num_kv_blocks")
     return MemoryPlan(int(blocks), budget, step_peak, graph_reserve, int(blocks) * per_block)
+
+
+def cap_process(device: torch.device, budget: int) -> None:
+    """Cap this process's CUDA caching allocator at what it holds now plus `budget`: the
+    measured reserves count the bytes a step's tensors take, not the allocator's fragmentation
+    (on the H200, a run's cached blocks came to 1.4x its step's peak); at the cap the allocator
+    frees its cached blocks and retries rather than grow past gpu_memory_utilization.
+    Process-wide: the last engine sized in a process sets it."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = torch.cuda.memory_allocated(device) + budget
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, cap / total)), device)
 
 
 def profile_step(runner: ModelRunner, rows: int, seqs: int, sample: bool = True) -> int:
