@@ -115,7 +115,8 @@ def cap_process(device: torch.device, budget: int) -> None:
     Process-wide: the last engine sized in a process sets it."""
     total = torch.cuda.get_device_properties(device).total_memory
     cap = torch.cuda.memory_allocated(device) + budget
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, cap / total)), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, cap / total)), index)
 
 
 def profile_step(runner: ModelRunner, rows: int, seqs: int, sample: bool = True) -> int:
