@@ -63,14 +63,14 @@ def kv_bytes_per_block(arch: ModelArch, dtype: torch.dtype, block_size: int) -> 
 
 
 def kv_budget(cache: CacheConfig, device: torch.device) -> int:
-    """Bytes left: on CUDA, under gpu_memory_utilization x the device's memory by what is
-    allocated now (by anyone); on CPU, kv_cache_bytes."""
+    """Bytes left: on CUDA, under gpu_memory_utilization x the device's memory by what is in use
+    now (by anyone); on CPU, kv_cache_bytes. On CUDA the caching allocator first gives back its
+    whole free segments (the profile's, an engine freed earlier in this process): free bytes left
+    inside segments still in use cannot hold a new pool, so they are not counted."""
     if device.type != "cuda":
         return cache.kv_cache_bytes
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    # Blocks the caching allocator holds but no tensor uses (the profile's, an engine freed
-    # earlier in this process) are ours to take too.
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(free - (1 - cache.gpu_memory_utilization) * total)
 
 
@@ -114,7 +114,7 @@ def cap_process(device: torch.device, budget: int) -> None:
     frees its cached blocks and retries rather than grow past gpu_memory_utilization.
     Process-wide: the last engine sized in a process sets it."""
     total = torch.cuda.get_device_properties(device).total_memory
-    cap = torch.cuda.memory_allocated(device) + budget
+    cap = torch.cuda.memory_reserved(device) + budget
     index = device.index if device.index is not None else torch.cuda.current_device()
     torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, cap / total)), index)
 
