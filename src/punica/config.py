@@ -56,6 +56,14 @@ class LoraConfig:
     shrink_beside_gemm: bool = True
     """On CUDA, in step graphs: run each LoRA shrink on a side stream while the base GEMM of
     its projection runs (`ops.lora.add_lora_beside`), rather than after it."""
+    max_cpu_lora_bytes: int | None = None
+    """Host cache bound in bytes as well (None: by count only)."""
+    loader_threads: int = 2
+    """Threads that read adapter files off the engine's step thread (a request whose adapter is
+    being read waits in the queue, holding no KV); 0: read on the engine thread."""
+    lora_root: str | None = None
+    """Just-in-time adapters: a request naming a folder below this root (nested names such as
+    org/name allowed) loads it on first use, no load call needed."""
 
     def __post_init__(self) -> None:
         if self.max_loras < 0 or self.max_lora_rank < 1 or (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence as Seq
 
 from tqdm import tqdm
@@ -33,14 +34,18 @@ class LLM:
                  attention_backend: str = ModelConfig.attention_backend,
                  enforce_eager: bool = ModelConfig.enforce_eager,
                  shrink_beside_gemm: bool = LoraConfig.shrink_beside_gemm,
-                 decode_split_tokens: int = ModelConfig.decode_split_tokens) -> None:
+                 decode_split_tokens: int = ModelConfig.decode_split_tokens,
+                 lora_root: str | None = LoraConfig.lora_root,
+                 max_cpu_lora_bytes: int | None = LoraConfig.max_cpu_lora_bytes,
+                 lora_loader_threads: int = LoraConfig.loader_threads) -> None:
         """Every default is its config field's (punica.config): one place sets each."""
         self.engine = LLMEngine(EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, seed, attention_backend,
                               enforce_eager, decode_split_tokens),
             cache=CacheConfig(block_size, gpu_memory_utilization, kv_cache_bytes, num_kv_blocks),
             lora=LoraConfig(max_loras, max_lora_rank, max_cpu_loras, allow_pickle,
-                            shrink_beside_gemm),
+                            shrink_beside_gemm, max_cpu_lora_bytes, lora_loader_threads,
+                            lora_root),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens)))
         self._ids = itertools.count()
 
@@ -71,6 +76,8 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while len(done) < len(ids):
+                if self.engine.waiting_on_reads():
+                    time.sleep(0.001)  # adapters' files are being read on loader threads
                 for out in self.engine.step(updates=False):
                     if out.finished:
                         done[out.request_id] = out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,15 @@ def new_engine(base: Path, max_loras: int = 3, max_cpu_loras: int | None = None)
 
 
 def run(eng: LLMEngine, steps: int = 200) -> dict[str, RequestOutput]:
+    """Step until every request finished (at most `steps` steps, not counting the waits for
+    adapter files read on loader threads, at most 30 s of them)."""
     done = {}
-    for _ in range(steps):
+    deadline = time.monotonic() + 30
+    while steps > 0:
+        if eng.waiting_on_reads() and time.monotonic() < deadline:
+            time.sleep(0.002)
+            continue
+        steps -= 1
         for out in eng.step(updates=False):
             done[out.request_id] = out
         if not eng.has_unfinished():

@@ -91,6 +91,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
+        engine.on_adapter_read = lambda: self.submit(lambda: None)  # wakes the engine thread
         self._thread = threading.Thread(target=self._loop, name="punica-engine", daemon=True)
         self._thread.start()
 
@@ -237,7 +238,10 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            busy = self._run_jobs(block=not self.engine.has_unfinished())
+            # Idle, or every queued request waits for its adapter's files: sleep until a job
+            # (a loader that finished posts one) or 0.5 s.
+            busy = self._run_jobs(block=not self.engine.has_unfinished()
+                                  or self.engine.waiting_on_reads())
             if self.engine.has_unfinished():
                 self._step()
                 busy = True

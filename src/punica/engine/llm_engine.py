@@ -18,6 +18,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -41,8 +43,9 @@ from punica.errors import (
     PunicaError,
     StepFailedError,
 )
+from punica.lora.loader import AdapterLoader
 from punica.lora.peft import AdapterWeights
-from punica.lora.registry import AdapterRegistry
+from punica.lora.registry import AdapterRegistry, jit_path
 from punica.lora.slots import AdapterSlots
 from punica.models.llama import CausalLM
 from punica.tokens import load_tokenizer
@@ -68,12 +71,18 @@ class LLMEngine:
                                 f"than max_model_len {self.max_model_len}: give it more memory "
                                 "or lower max_model_len")
         a = self.arch
+        self.on_adapter_read: Callable[[], None] | None = None
+        """Called on a loader thread when an adapter's files were read (AsyncEngine wakes its
+        engine thread with it)."""
+        loader = (AdapterLoader(lc.loader_threads, self._adapter_read)
+                  if lc.loader_threads > 0 and lc.max_loras > 0 else None)
         self.registry = AdapterRegistry(a, lc.max_lora_rank,
                                         lc.max_cpu_loras or max(4 * lc.max_loras, 32),
-                                        lc.allow_pickle, self.dtype)
+                                        lc.allow_pickle, self.dtype, lc.max_cpu_lora_bytes,
+                                        loader)
         self.slots = AdapterSlots(max(lc.max_loras, 1))
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
-                                   self.slots)
+                                   self.slots, self.registry.ready)
         self.stops = StopChecker(self.tokenizer, a.eos_token_ids, self.max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_failures": 0,
@@ -137,6 +146,11 @@ class LLMEngine:
         self.registry.remove(name)
         return users
 
+    @property
+    def jit_root(self) -> str | None:
+        """The folder of just-in-time adapters (LoraConfig.lora_root)."""
+        return self.config.lora.lora_root
+
     def list_loras(self) -> list[str]:
         return sorted(self.registry.sources)
 
@@ -151,6 +165,12 @@ class LLMEngine:
         self.validate(prompt_ids, adapter, params)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if adapter is not None and adapter not in self.registry:
+            path = jit_path(self.jit_root, adapter)
+            assert path is not None  # validate() found it
+            self.registry.add_lazy(adapter, str(path), self.config.lora.lora_root)
+        if adapter is not None:
+            self.registry.ready(adapter)  # prefetch: its files are read while it queues
         seqs = []
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), params, adapter)
@@ -201,7 +221,8 @@ class LLMEngine:
         self.stops.validate_prompt(prompt_ids, self.arch.vocab_size, params)
         if adapter is not None and self.lora_pool is None:
             raise AdapterNotFoundError(f"adapter {adapter!r}: LoRA is disabled (max_loras=0)")
-        if adapter is not None and adapter not in self.registry:
+        if adapter is not None and adapter not in self.registry and \
+                jit_path(self.jit_root, adapter) is None:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
 
     # The step ---------------------------------------------------------------------------
@@ -253,6 +274,7 @@ class LLMEngine:
         if prev is not None:
             self._step_seqs = list(prev.seqs)
             self._reserve(prev)
+        self._collect_reads()
         out = self.scheduler.schedule()
         stuck = not out.scheduled  # before fills that fail drop their requests from the step
         self._step_seqs += [s.seq for s in out.scheduled]
@@ -379,13 +401,43 @@ class LLMEngine:
         return touched
 
     def _unstick(self) -> None:
-        """Nothing could be scheduled with nothing running: the head request can never run
-        (it needs more than the whole KV pool): fail it rather than hang."""
-        if self.scheduler.waiting and not self.scheduler.running:
-            seq = self.scheduler.waiting[0]
+        """Nothing could be scheduled with nothing running: the first request whose adapter is
+        in host memory can never run (it needs more than the whole KV pool): fail it rather
+        than hang. Requests whose adapter is being read wait for it."""
+        if self.scheduler.running:
+            return
+        ready = self.registry.ready
+        seq = next((s for s in self.scheduler.waiting
+                    if s.adapter is None or ready(s.adapter)), None)
+        if seq is not None:
             self._fail_request(seq.request_id, CapacityError(
                 f"this request needs {seq.num_tokens} tokens of KV cache, more than the engine "
                 "can ever give one request"))
+
+    def _collect_reads(self) -> None:
+        """Cache the adapters the loader threads finished reading; a failed read fails its
+        adapter's requests (no other request is touched)."""
+        for name, err in self.registry.collect():
+            if not isinstance(err, PunicaError):
+                err = AdapterLoadError(f"adapter {name!r} could not be read "
+                                       f"({type(err).__name__}: {err})")
+            if self.jit_root is not None:  # clients name folders below the root, not above it
+                root = str(Path(self.jit_root).resolve())
+                err = type(err)(str(err).replace(root, "<lora-root>"))
+            self._fail_adapter(name, err)
+
+    def waiting_on_reads(self) -> bool:
+        """Whether nothing can run until a loader finishes reading an adapter (the caller may
+        sleep until `on_adapter_read`). Collects the reads finished so far first."""
+        self._collect_reads()
+        sched = self.scheduler
+        return (not sched.running and self._inflight is None and bool(sched.waiting)
+                and not any(s.adapter is None or self.registry.ready(s.adapter)
+                            for s in sched.waiting))
+
+    def _adapter_read(self) -> None:
+        if self.on_adapter_read is not None:
+            self.on_adapter_read()
 
     def _collect_finished(self) -> list[RequestOutput]:
         done = []

@@ -1,18 +1,22 @@
 """Tensor-free continuous-batching scheduler: chunked prefill under one token budget, FCFS,
-preemption by recomputation (newest first), admission gated by KV blocks and adapter slots.
+preemption by recomputation (newest first), admission gated by KV blocks, adapter slots and the
+adapter's weights being in host memory.
 
 Each step: running sequences first, oldest first, each taking what it still needs (1 token for a
 decode, the rest of its prompt or a chunk of it for a prefill) within `max_num_batched_tokens`;
 when blocks run out the newest running sequence is preempted (blocks freed, adapter released,
 recomputed later from the front of the queue). Then waiting sequences are admitted in arrival
 order while the budget, `max_num_seqs`, free blocks and an adapter slot allow; the first that does
-not fit stops admission (strict FCFS: no request is overtaken). A sequence's adapter slot is pinned
-from admission to finish/preemption, so the pool never evicts an adapter a running request uses.
+not fit stops admission (strict FCFS: no request is overtaken, except by those behind one whose
+adapter is still being read from disk, which waits without holding anything). A sequence's
+adapter slot is pinned from admission to finish/preemption, so the pool never evicts an adapter a
+running request uses.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from punica.engine.block_manager import BlockManager
@@ -69,10 +73,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager,
-                 slots: AdapterSlots) -> None:
+                 slots: AdapterSlots, ready: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self.blocks = blocks
         self.slots = slots
+        self.ready = ready
+        """ready(adapter): whether its weights are in host memory (lora/registry.py); a request
+        whose adapter is not stays queued, holding nothing, and the requests behind it go on."""
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -111,15 +118,22 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """FCFS among the requests whose adapter is ready: the first of those that does not fit
+        stops admission; those whose adapter is still being read are passed over (in place)."""
+        passed: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.adapter is not None and self.ready is not None and \
+                    not self.ready(seq.adapter):
+                passed.append(self.waiting.popleft())
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
-                return
+                break
             if seq.adapter is not None:
                 acquired = self.slots.acquire(seq.adapter)
                 if acquired is None:
-                    return  # every slot pinned by running requests: wait for one to finish
+                    break  # every slot pinned by running requests: wait for one to finish
                 seq.slot = acquired.slot
                 if acquired.needs_load:
                     out.loads.append((acquired.slot, seq.adapter))
@@ -131,6 +145,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq.of(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(passed))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -1,8 +1,18 @@
 """Registered adapters by name: where their files are, and parsed weights in a host-memory LRU
-cache.
+cache bounded in adapters and in bytes.
 
-Registering parses and validates at once (bad adapters fail at load_lora, never mid-request). An
-adapter evicted from the host cache is parsed again from its files when next needed; the files'
+Registering with `add` parses and validates at once (bad adapters fail at load_lora, never
+mid-request). `add_lazy` registers a folder without reading it (just-in-time adapters named by a
+request): its first read validates it, and a failure unregisters it again.
+
+Tiers: disk -> host cache (here) -> GPU slots (lora/slots.py). With a loader (lora/loader.py),
+files are read on loader threads, never on the engine thread: `ready(name)` says whether an
+adapter's weights are in host memory and, when they are not, starts reading them (a request
+waits in the queue meanwhile, holding no KV); `collect()` (engine thread) caches what the loaders
+finished and returns the failures, which the engine charges to their adapters. Without a loader,
+`get` reads on the caller's thread.
+
+An adapter evicted from the host cache is parsed again from its files when next needed; the files'
 stamps (size, modification time) are compared with those taken at registration first, and an
 adapter whose files changed is refused (AdapterLoadError, charged to its requests) rather than
 served as a mix of two versions: load it again (replace) to take the new files.
@@ -10,14 +20,16 @@ served as a mix of two versions: load it again (replace) to take the new files.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+import functools
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from punica.errors import AdapterLoadError, AdapterNotFoundError
 from punica.lora.files import FileStamp, stamps_of
+from punica.lora.loader import AdapterLoader
 from punica.lora.peft import AdapterWeights, load_adapter
 from punica.models.arch import ModelArch
 
@@ -30,20 +42,36 @@ class Source:
     """Its directory ("" for weights registered in memory)."""
     root: str | None
     """Every file read for it must resolve below this folder (None: anywhere)."""
-    stamps: tuple[FileStamp, ...]
-    """Its files' stamps at registration."""
+    stamps: tuple[FileStamp, ...] | None
+    """Its files' stamps at registration (None: registered lazily, not read yet)."""
+
+
+def weights_bytes(weights: AdapterWeights) -> int:
+    """Host bytes of an adapter's tensors."""
+    return sum(t.numel() * t.element_size() for m in weights.modules.values()
+               for t in (m.A, m.B))
 
 
 class AdapterRegistry:
     def __init__(self, arch: ModelArch, max_rank: int, max_cached: int,
-                 allow_pickle: bool, dtype: torch.dtype | None = None) -> None:
+                 allow_pickle: bool, dtype: torch.dtype | None = None,
+                 max_cached_bytes: int | None = None,
+                 loader: AdapterLoader | None = None) -> None:
         self.arch, self.max_rank, self.allow_pickle = arch, max_rank, allow_pickle
         self.dtype = dtype
         """The pool's dtype: weights must be finite in it."""
         self.max_cached = max(1, max_cached)
+        self.max_cached_bytes = max_cached_bytes
+        """Host cache bound in bytes (None: adapters only); the newest entry always stays."""
+        self.loader = loader
         self.sources: dict[str, Source] = {}
         self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._cached_bytes = 0
         self._in_memory: dict[str, AdapterWeights] = {}  # no path: never evicted
+        self._reading: dict[str, Source] = {}
+        """Adapters a loader reads, with the source it reads (a reload meanwhile discards it)."""
+        self.stats: Counter[str] = Counter()
+        """host_hits, host_misses, disk_loads, load_failures, host_evictions; load_seconds."""
 
     @property
     def paths(self) -> dict[str, str]:
@@ -58,15 +86,20 @@ class AdapterRegistry:
     def add(self, name: str, path: str, root: str | None = None) -> AdapterWeights:
         weights = load_adapter(name, path, self.arch, self.max_rank, self.allow_pickle, root,
                                self.dtype)
-        self._cache.pop(name, None)
-        self._in_memory.pop(name, None)
+        self._forget(name)
         self.sources[name] = Source(str(path), root, weights.stamps)
         self._remember(weights)
         return weights
 
+    def add_lazy(self, name: str, path: str, root: str | None = None) -> None:
+        """Register a folder without reading it: its first read (`ready` or `get`) validates
+        it; a read that fails unregisters it (`collect`)."""
+        self._forget(name)
+        self.sources[name] = Source(str(path), root, None)
+
     def add_weights(self, weights: AdapterWeights) -> None:
         """Register weights built in memory (benchmarks, tests)."""
-        self._cache.pop(weights.name, None)
+        self._forget(weights.name)
         self.sources[weights.name] = Source("", None, ())
         self._in_memory[weights.name] = weights
 
@@ -74,8 +107,58 @@ class AdapterRegistry:
         if name not in self.sources:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
         del self.sources[name]
-        self._cache.pop(name, None)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        old = self._cache.pop(name, None)
+        if old is not None:
+            self._cached_bytes -= weights_bytes(old)
         self._in_memory.pop(name, None)
+        self._reading.pop(name, None)  # a read in flight is discarded when collected
+
+    def ready(self, name: str) -> bool:
+        """Whether `name`'s weights are in host memory; if not (and there is a loader), start
+        reading them on a loader thread. Unknown names are not ready."""
+        if name in self._in_memory or name in self._cache:
+            return True
+        src = self.sources.get(name)
+        if src is None:
+            return False
+        if self.loader is None:
+            return True  # get() reads on the caller's thread
+        if name not in self._reading:
+            self._reading[name] = src
+            self.stats["host_misses"] += 1
+            self.loader.start(name, functools.partial(self._read, name, src))
+        return False
+
+    def collect(self) -> list[tuple[str, Exception]]:
+        """Engine thread: cache what the loaders finished; return the adapters whose read failed
+        (a lazily registered one is unregistered again)."""
+        if self.loader is None:
+            return []
+        failed = []
+        for r in self.loader.collect():
+            src = self._reading.get(r.name)
+            if src is None or self.sources.get(r.name) is not src:
+                continue  # unloaded or replaced while it was read
+            del self._reading[r.name]
+            self.stats["load_seconds"] += r.seconds
+            if r.error is not None:
+                self.stats["load_failures"] += 1
+                if src.stamps is None:
+                    del self.sources[r.name]
+                failed.append((r.name, r.error))
+                continue
+            assert r.weights is not None
+            self.stats["disk_loads"] += 1
+            if src.stamps is None:
+                self.sources[r.name] = replace(src, stamps=r.weights.stamps)
+            self._remember(r.weights)
+        return failed
+
+    def loading(self) -> list[str]:
+        return list(self._reading)
 
     def get(self, name: str) -> AdapterWeights:
         if name not in self.sources:
@@ -84,13 +167,25 @@ class AdapterRegistry:
             return self._in_memory[name]
         if name in self._cache:
             self._cache.move_to_end(name)
+            self.stats["host_hits"] += 1
             return self._cache[name]
         src = self.sources[name]
-        self._check_unchanged(name, src, stamps_of(Path(src.path)))
+        weights = self._read(name, src)
+        self.stats["disk_loads"] += 1
+        if src.stamps is None:
+            self.sources[name] = replace(src, stamps=weights.stamps)
+        self._remember(weights)
+        return weights
+
+    def _read(self, name: str, src: Source) -> AdapterWeights:
+        """Parse and check an adapter's files (any thread: reads nothing of the registry's
+        mutable state)."""
+        if src.stamps is not None:
+            self._check_unchanged(name, src, stamps_of(Path(src.path)))
         weights = load_adapter(name, src.path, self.arch, self.max_rank, self.allow_pickle,
                                src.root, self.dtype)
-        self._check_unchanged(name, src, weights.stamps)
-        self._remember(weights)
+        if src.stamps is not None:
+            self._check_unchanged(name, src, weights.stamps)
         return weights
 
     @staticmethod
@@ -102,10 +197,43 @@ class AdapterRegistry:
                                    "since it was loaded; load it again to serve the new files")
 
     def _remember(self, weights: AdapterWeights) -> None:
+        old = self._cache.pop(weights.name, None)
+        if old is not None:
+            self._cached_bytes -= weights_bytes(old)
         self._cache[weights.name] = weights
-        self._cache.move_to_end(weights.name)
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
+        self._cached_bytes += weights_bytes(weights)
+        while len(self._cache) > 1 and (
+                len(self._cache) > self.max_cached or (
+                    self.max_cached_bytes is not None
+                    and self._cached_bytes > self.max_cached_bytes)):
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= weights_bytes(evicted)
+            self.stats["host_evictions"] += 1
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached_bytes
 
     def cached(self) -> list[str]:
         return list(self._cache)
+
+
+def jit_path(root: str | None, name: str) -> Path | None:
+    """The folder of the just-in-time adapter `name` below `root` (a relative path of plain
+    parts, nested names such as org/name allowed, holding adapter_config.json), or None: no
+    root, a name that is not such a path, or no adapter there. Links are followed and must stay
+    below the root; the files are read below it too (load_adapter's root check)."""
+    if root is None or not name or len(name) > 512 or "\0" in name or "\\" in name:
+        return None
+    parts = name.split("/")
+    if any(p in ("", ".", "..") or len(p.encode("utf-8", "replace")) > 255 for p in parts):
+        return None
+    base = Path(root).resolve()
+    try:
+        target = (base / name).resolve()
+        found = (target / "adapter_config.json").is_file()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if base not in target.parents or not found:
+        return None
+    return target

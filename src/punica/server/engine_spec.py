@@ -35,7 +35,11 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(ns.block_size, ns.gpu_memory_utilization, ns.kv_cache_bytes,
                           ns.num_kv_blocks),
         lora=LoraConfig(ns.max_loras, ns.max_lora_rank, ns.max_cpu_loras,
-                        shrink_beside_gemm=ns.shrink_beside_gemm),
+                        shrink_beside_gemm=ns.shrink_beside_gemm,
+                        max_cpu_lora_bytes=getattr(ns, "max_cpu_lora_bytes", None),
+                        loader_threads=getattr(ns, "lora_loader_threads",
+                                               LoraConfig.loader_threads),
+                        lora_root=getattr(ns, "lora_root", None)),
         scheduler=SchedulerConfig(ns.max_num_seqs, ns.max_num_batched_tokens,
                                   ns.async_scheduling))
 

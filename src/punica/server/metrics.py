@@ -55,6 +55,22 @@ class Metrics:
             "punica_step_failures": ("Engine steps that raised (cumulative)",
                                      lambda: engine.stats.get("step_failures", 0)),
         }
+        reg = engine.registry  # the host tier: parsed adapters in host memory
+        for key, doc in (("host_hits", "Adapter slot fills served from host memory"),
+                         ("host_misses", "Adapters read from disk because host memory lacked "
+                          "them"),
+                         ("disk_loads", "Adapter reads from disk that succeeded"),
+                         ("load_failures", "Adapter reads from disk that failed"),
+                         ("host_evictions", "Adapters evicted from host memory"),
+                         ("load_seconds", "Seconds spent reading adapters (loader threads)")):
+            gauges[f"punica_adapter_{key}"] = (f"{doc} (cumulative)",
+                                               lambda key=key: reg.stats[key])
+        gauges["punica_adapter_host_resident"] = ("Adapters parsed in host memory",
+                                                  lambda: len(reg.cached()))
+        gauges["punica_adapter_host_bytes"] = ("Host bytes of the parsed adapters",
+                                               lambda: reg.cached_bytes)
+        gauges["punica_adapter_reads_in_flight"] = ("Adapters being read from disk",
+                                                    lambda: len(reg.loading()))
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
 

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from punica.config import ModelConfig
+from punica.config import LoraConfig, ModelConfig
 from punica.errors import ConfigError
 
 log = logging.getLogger("punica.server")
@@ -37,8 +37,9 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
                     "the directory's name)")
     ap.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR",
                     help="PEFT adapters to load at start")
-    ap.add_argument("--lora-root", help="folder load_lora_adapter may read below (unset: "
-                    "dynamic loading disabled)")
+    ap.add_argument("--lora-root", help="folder of adapters: a request whose model names a "
+                    "folder below it (org/name allowed) loads it on first use, and "
+                    "load_lora_adapter may read below it (unset: both disabled)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=port_number, default=8000)
     ap.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every path but "
@@ -61,7 +62,11 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int)
     ap.add_argument("--max-loras", type=int, default=8)
     ap.add_argument("--max-lora-rank", type=int, default=64)
-    ap.add_argument("--max-cpu-loras", type=int)
+    ap.add_argument("--max-cpu-loras", type=int, help="adapters kept parsed in host memory")
+    ap.add_argument("--max-cpu-lora-bytes", type=int,
+                    help="host memory the parsed adapters may take (default: no byte bound)")
+    ap.add_argument("--lora-loader-threads", type=int, default=LoraConfig.loader_threads,
+                    help="threads reading adapter files off the step thread (0: on it)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)

@@ -14,6 +14,7 @@ from typing import TypeVar
 from punica.engine.async_engine import AsyncEngine
 from punica.engine.outputs import RequestOutput
 from punica.errors import AdapterNotFoundError, InvalidRequestError
+from punica.lora.registry import jit_path
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Server:
     def adapter_of(self, model: str) -> str | None:
         if model == self.settings.served_model_name:
             return None
-        if model in self.engine.engine.registry:
+        engine = self.engine.engine  # the cluster's model has no just-in-time root (yet)
+        if model in engine.registry or jit_path(getattr(engine, "jit_root", None), model):
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist.")
 

@@ -1,0 +1,182 @@
+"""Adapters read off the step thread and just-in-time adapters named below a root (issue 18):
+no step waits for a file, concurrent first requests read an adapter once, a failed read fails
+only its adapter's requests, the host cache is bounded in adapters and bytes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from punica.config import EngineConfig, LoraConfig, ModelConfig
+from punica.engine.llm_engine import LLMEngine
+from punica.engine.outputs import RequestOutput
+from punica.engine.sampling_params import SamplingParams
+from punica.errors import AdapterLoadError, AdapterNotFoundError
+from punica.lora.registry import AdapterRegistry, jit_path, weights_bytes
+from tests.checkpoints import ADAPTERS, save_adapter, save_model
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+OTHERS = [("o-base", [5, 6, 7], None), ("o-a", [8, 9, 10, 11], "org/a")]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A base model and a root of adapters: org/a, org/b, c (nested names), bad (a rank that
+    contradicts its config)."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    base = save_model(tmp / "m", "llama")
+    root = tmp / "loras"
+    for i, name in enumerate(("org/a", "org/b", "c")):
+        save_adapter(base, root / name, i + 1, **ADAPTERS["qv8"])
+    bad = save_adapter(base, root / "bad", 9, **ADAPTERS["qv8"])
+    cfg = (bad / "adapter_config.json").read_text().replace('"r": 8', '"r": 4')
+    (bad / "adapter_config.json").write_text(cfg)
+    return base, root
+
+
+def engine(base: Path, root: Path, max_loras: int = 2, max_cpu_loras: int | None = None,
+           max_cpu_lora_bytes: int | None = None, threads: int = 2) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        ModelConfig(str(base), "float32", "cpu", 64),
+        lora=LoraConfig(max_loras, 16, max_cpu_loras, max_cpu_lora_bytes=max_cpu_lora_bytes,
+                        loader_threads=threads, lora_root=str(root))))
+
+
+def drive(eng: LLMEngine, limit_s: float = 60) -> dict[str, RequestOutput]:
+    """Step until nothing is unfinished, sleeping while every request waits for an adapter's
+    files."""
+    done: dict[str, RequestOutput] = {}
+    deadline = time.monotonic() + limit_s
+    while eng.has_unfinished():
+        assert time.monotonic() < deadline, "requests still unfinished"
+        if eng.waiting_on_reads():
+            time.sleep(0.002)
+            continue
+        for out in eng.step(updates=False):
+            done[out.request_id] = out
+    return done
+
+
+@pytest.fixture(scope="module")
+def alone(fleet: tuple[Path, Path]) -> dict[str, list[int]]:
+    """Each request's tokens on a fresh engine, one at a time, adapters read on the step
+    thread."""
+    base, root = fleet
+    eng = engine(base, root, threads=0)
+    out = {}
+    for rid, prompt, adapter in [*OTHERS, ("slow", [3, 4], "org/b"), ("c", [3, 4], "c")]:
+        eng.add_request(rid, prompt, GREEDY, adapter)
+        out[rid] = drive(eng)[rid].token_ids
+    return out
+
+
+def test_jit_names_resolve_below_the_root_only(fleet: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    _, root = fleet
+    assert jit_path(str(root), "org/a") == (root / "org" / "a").resolve()
+    assert jit_path(str(root), "c") is not None
+    for name in ("../loras/c", "/etc", "org//a", "org/./a", "org", "missing", "", "a\0b",
+                 "org\\a", "x" * 600):
+        assert jit_path(str(root), name) is None, name
+    assert jit_path(None, "c") is None
+    os.symlink(root / "c", tmp_path / "link")  # a link out of another root
+    assert jit_path(str(tmp_path), "link") is None
+
+
+def test_a_slow_read_delays_no_other_request(fleet: tuple[Path, Path],
+                                             alone: dict[str, list[int]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """While org/b's files take as long as the test wants, the other tenants' requests run to
+    their end (the engine never waits for the read), then org/b's request runs."""
+    base, root = fleet
+    eng = engine(base, root)
+    release, reading = threading.Event(), threading.Event()
+    real_read = eng.registry._read
+
+    def slow_read(name: str, src: object) -> object:
+        if name == "org/b":
+            reading.set()
+            assert release.wait(30)
+        return real_read(name, src)
+
+    monkeypatch.setattr(eng.registry, "_read", slow_read)
+    eng.add_request("slow", [3, 4], GREEDY, "org/b")
+    for rid, prompt, adapter in OTHERS:
+        eng.add_request(rid, prompt, GREEDY, adapter)
+    assert reading.wait(10)  # org/b's read started when its request was queued (prefetch)
+    done: dict[str, RequestOutput] = {}
+    deadline = time.monotonic() + 30
+    while len(done) < len(OTHERS):
+        assert time.monotonic() < deadline, "the other tenants' requests did not finish"
+        done |= {o.request_id: o for o in eng.step(updates=False)}
+    assert eng.registry.loading() == ["org/b"]  # still reading: nobody waited for it
+    assert {rid: done[rid].token_ids for rid, _, _ in OTHERS} == \
+        {rid: alone[rid] for rid, _, _ in OTHERS}
+    assert eng.scheduler.waiting and not eng.scheduler.running  # queued, holding no KV
+    assert eng.scheduler.blocks.num_free == eng.scheduler.blocks.num_blocks
+    release.set()
+    assert drive(eng)["slow"].token_ids == alone["slow"]
+    assert all(v == 0 for v in eng.leftovers().values())
+
+
+def test_concurrent_first_requests_read_once(fleet: tuple[Path, Path],
+                                             alone: dict[str, list[int]],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    base, root = fleet
+    eng = engine(base, root)
+    reads = []
+    real_read = eng.registry._read
+
+    def counted(name: str, src: object) -> object:
+        reads.append(name)
+        return real_read(name, src)
+
+    monkeypatch.setattr(eng.registry, "_read", counted)
+    for i in range(6):
+        eng.add_request(f"c{i}", [3, 4], GREEDY, "c")
+    done = drive(eng)
+    assert reads == ["c"] and eng.list_loras() == ["c"]
+    assert all(done[f"c{i}"].token_ids == alone["c"] for i in range(6))
+
+
+def test_a_failed_read_fails_only_its_adapter(fleet: tuple[Path, Path],
+                                              alone: dict[str, list[int]]) -> None:
+    base, root = fleet
+    eng = engine(base, root)
+    eng.add_request("bad1", [3, 4], GREEDY, "bad")
+    for rid, prompt, adapter in OTHERS:
+        eng.add_request(rid, prompt, GREEDY, adapter)
+    eng.add_request("bad2", [5], GREEDY, "bad")
+    done = drive(eng)
+    for rid in ("bad1", "bad2"):
+        assert isinstance(done[rid].error, AdapterLoadError) and "rank" in str(done[rid].error)
+        assert done[rid].outputs[0].finish_reason == "error"
+    assert {rid: done[rid].token_ids for rid, _, _ in OTHERS} == \
+        {rid: alone[rid] for rid, _, _ in OTHERS}
+    assert "bad" not in eng.list_loras()  # unregistered: a fixed folder is read afresh
+    assert all(v == 0 for v in eng.leftovers().values())
+    with pytest.raises(AdapterNotFoundError):
+        eng.add_request("nope", [1], GREEDY, "org/missing")
+
+
+def test_the_host_cache_is_bounded_and_every_tier_recovers(fleet: tuple[Path, Path],
+                                                           alone: dict[str, list[int]]) -> None:
+    """One GPU slot and one host entry (by bytes) for three adapters requested in turn, many
+    times: every request still gets its alone tokens, and the evictions happened."""
+    base, root = fleet
+    probe = AdapterRegistry(engine(base, root).arch, 16, 4, False)
+    one = weights_bytes(probe.add("c", str(root / "c")))
+    eng = engine(base, root, max_loras=1, max_cpu_lora_bytes=one)
+    order = [("o-a", [8, 9, 10, 11], "org/a"), ("c", [3, 4], "c"), ("slow", [3, 4], "org/b")]
+    for turn in range(4):
+        for rid, prompt, adapter in order:
+            eng.add_request(f"{rid}#{turn}", prompt, GREEDY, adapter)
+            assert drive(eng)[f"{rid}#{turn}"].token_ids == alone[rid]
+    stats = eng.registry.stats
+    assert eng.registry.cached_bytes <= one and len(eng.registry.cached()) == 1
+    assert stats["host_evictions"] >= 10 and stats["disk_loads"] == 12
+    assert eng.stats["adapter_evictions"] >= 10
