@@ -132,3 +132,44 @@ def test_finish_a_waiting_sequence() -> None:
     sched.finish(s, "abort")
     assert s.status is SeqStatus.FINISHED and s.finish_reason == "abort"
     assert not sched.has_work()
+
+
+def test_requests_whose_adapter_is_being_read_wait_without_holding_anything() -> None:
+    """ready(adapter) false: the request stays queued in place, holding no block and no slot;
+    the requests behind it are admitted (FCFS among the ready); once ready it is admitted."""
+    ready = {"cold": False, "warm": True}
+    asked: list[str] = []
+
+    def is_ready(name: str) -> bool:
+        asked.append(name)
+        return ready[name]
+
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(16, 4), AdapterSlots(2), is_ready)
+    sched.add(seq(1, 4, "cold"))
+    sched.add(seq(2, 4, "warm"))
+    sched.add(seq(3, 4))
+    out = step(sched)
+    assert plan(out) == [(2, 4), (3, 4)] and out.loads == [(0, "warm")]
+    assert [s.seq_id for s in sched.waiting] == [1] and sched.waiting[0].slot == -1
+    assert sched.blocks.num_free == 16 - 2 and sched.slots.pinned() == {"warm": 1}
+    assert asked == ["cold", "warm"]
+    ready["cold"] = True
+    out = step(sched)
+    assert plan(out) == [(2, 1), (3, 1), (1, 4)] and out.loads == [(1, "cold")]
+    assert not sched.waiting
+    finish_all(sched)
+
+
+def test_a_ready_request_that_does_not_fit_still_stops_admission() -> None:
+    """Only requests waiting for their adapter's files are passed over: a ready one that does
+    not fit keeps strict FCFS for those behind it, and the passed-over stay in order."""
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(3, 4), AdapterSlots(2),
+                      lambda name: name != "cold")
+    sched.add(seq(1, 4, "cold"))
+    sched.add(seq(2, 16))  # needs 4 blocks of 3: never fits now
+    sched.add(seq(3, 4, "cold"))
+    sched.add(seq(4, 4))
+    out = step(sched)
+    assert plan(out) == [] and [s.seq_id for s in sched.waiting] == [1, 2, 3, 4]
+    assert sched.blocks.num_free == 3
+    finish_all(sched)

@@ -32,3 +32,45 @@ def test_lru_eviction_and_reload(tmp_path: Path) -> None:
     reg.remove("qv8")
     with pytest.raises(AdapterNotFoundError):
         reg.get("qv8")
+
+
+def test_reads_on_loader_threads_are_collected_or_discarded(tmp_path: Path) -> None:
+    """ready() starts one read per adapter; collect() caches it; a read whose adapter was
+    removed or replaced meanwhile is discarded; a lazily registered folder that fails to read
+    is unregistered; the cache keeps within its byte bound (always keeping the newest)."""
+    import threading
+
+    from punica.lora.loader import AdapterLoader
+    from punica.lora.registry import weights_bytes
+
+    base = save_model(tmp_path / "m", "llama")
+    arch = load_arch(base)
+    paths = {n: save_adapter(base, tmp_path / n, i, **ADAPTERS[n])
+             for i, n in enumerate(("qv8", "all4rs", "mlp16"))}
+    gate = threading.Event()
+    reg = AdapterRegistry(arch, 16, 8, False, loader=AdapterLoader(2))
+    real = reg._read
+    reg._read = lambda name, src: (gate.wait(10), real(name, src))[1]
+    big = weights_bytes(AdapterRegistry(arch, 16, 1, False).add("x", str(paths["mlp16"])))
+    reg.max_cached_bytes = big + 1  # qv8 alone fits, qv8 and mlp16 together do not
+    for name in ("qv8", "all4rs", "mlp16"):
+        reg.add_lazy(name, str(paths[name]))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("[]")
+    reg.add_lazy("bad", str(tmp_path / "bad"))
+    assert not any(reg.ready(n) for n in ("qv8", "all4rs", "mlp16", "bad"))
+    assert not reg.ready("qv8") and sorted(reg.loading()) == ["all4rs", "bad", "mlp16", "qv8"]
+    reg.remove("all4rs")  # removed while read: discarded
+    reg.add_lazy("mlp16", str(paths["mlp16"]))  # replaced while read: discarded
+    gate.set()
+    while reg.loader.num_loading:
+        threading.Event().wait(0.01)
+    failed = reg.collect()
+    assert [n for n, _ in failed] == ["bad"] and "bad" not in reg
+    assert reg.cached() == ["qv8"] and reg.ready("qv8") and reg.stats["disk_loads"] == 1
+    assert reg.sources["qv8"].stamps  # validated on its first read
+    assert not reg.ready("mlp16")  # the replacement is read afresh
+    while reg.loader.num_loading:
+        threading.Event().wait(0.01)
+    assert reg.collect() == [] and reg.cached() == ["mlp16"]  # byte bound: qv8 went
+    assert reg.cached_bytes <= reg.max_cached_bytes and reg.stats["host_evictions"] == 1
