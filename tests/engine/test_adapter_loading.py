@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from punica.config import EngineConfig, LoraConfig, ModelConfig
+from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
 from punica.engine.llm_engine import LLMEngine
 from punica.engine.outputs import RequestOutput
 from punica.engine.sampling_params import SamplingParams
@@ -180,3 +180,49 @@ def test_the_host_cache_is_bounded_and_every_tier_recovers(fleet: tuple[Path, Pa
     assert eng.registry.cached_bytes <= one and len(eng.registry.cached()) == 1
     assert stats["host_evictions"] >= 10 and stats["disk_loads"] == 12
     assert eng.stats["adapter_evictions"] >= 10
+
+
+def test_review_cases_stale_reads_resident_slots_fcfs_and_sync_reads(
+        fleet: tuple[Path, Path], alone: dict[str, list[int]], tmp_path: Path) -> None:
+    """(a) an adapter in a GPU slot but out of host memory is not read again for a new request,
+    and its running request is not failed by a read; (b) a ready request at the head that does
+    not fit keeps FCFS even while a later request's adapter is read (its host copy is not
+    evicted for the newcomer); (c) with reads on the step thread a failing folder's error names
+    no absolute path and the folder is not kept."""
+    base, root = fleet
+    # (a) one host entry, two GPU slots
+    eng = engine(base, root, max_loras=2, max_cpu_loras=1)
+    eng.add_request("first", [8, 9, 10, 11], GREEDY, "org/a")
+    drive(eng)
+    eng.add_request("evict", [3, 4], GREEDY, "c")  # org/a leaves host memory, stays in a slot
+    drive(eng)
+    assert eng.registry.cached() == ["c"] and eng.slots.is_filled("org/a")
+    reads = eng.registry.stats["disk_loads"]
+    eng.add_request("o-a", [8, 9, 10, 11], GREEDY, "org/a")
+    assert drive(eng)["o-a"].token_ids == alone["o-a"]
+    assert eng.registry.stats["disk_loads"] == reads  # served from its slot, no read
+    # (b) strict FCFS for a ready head: 5 blocks of 16 tokens, the head needs 6
+    small = LLMEngine(EngineConfig(
+        ModelConfig(str(base), "float32", "cpu", 128),
+        cache=CacheConfig(num_blocks=9),
+        lora=LoraConfig(2, 16, 1, loader_threads=2, lora_root=str(root))))
+    small.add_request("hog", list(range(1, 65)), SamplingParams(max_tokens=40,
+                                                                 temperature=0.0), None)
+    small.step(updates=False)  # hog holds blocks
+    small.add_request("head", list(range(1, 81)), GREEDY, "org/a")
+    while not small.registry.ready("org/a"):
+        time.sleep(0.01)
+        small.waiting_on_reads()
+    small.add_request("late", [3, 4], GREEDY, "org/b")
+    time.sleep(0.3)
+    small.step(updates=False)
+    assert [s.request_id for s in small.scheduler.running] == ["hog"]  # late did not overtake
+    assert "org/a" in small.registry.cached()  # the head's host copy was kept
+    done = drive(small)
+    assert done["head"].token_ids and done["late"].token_ids == alone["slow"]
+    # (c) reads on the step thread
+    sync = engine(base, root, threads=0)
+    sync.add_request("b", [3, 4], GREEDY, "bad")
+    out = drive(sync)["b"]
+    assert isinstance(out.error, AdapterLoadError) and str(root.resolve()) not in str(out.error)
+    assert "bad" not in sync.list_loras()

@@ -74,3 +74,35 @@ def test_reads_on_loader_threads_are_collected_or_discarded(tmp_path: Path) -> N
         threading.Event().wait(0.01)
     assert reg.collect() == [] and reg.cached() == ["mlp16"]  # byte bound: qv8 went
     assert reg.cached_bytes <= reg.max_cached_bytes and reg.stats["host_evictions"] == 1
+
+
+def test_a_read_for_an_earlier_registration_is_never_credited_to_a_later_one(
+        tmp_path: Path) -> None:
+    """Unloaded while its read runs, then registered again from other files: the old read is
+    discarded and the new registration gets a read of its own."""
+    import threading
+
+    from punica.lora.loader import AdapterLoader
+
+    base = save_model(tmp_path / "m", "llama")
+    arch = load_arch(base)
+    old = save_adapter(base, tmp_path / "old", 1, **ADAPTERS["qv8"])
+    new = save_adapter(base, tmp_path / "new", 2, **ADAPTERS["mlp16"])
+    gate = threading.Event()
+    reg = AdapterRegistry(arch, 16, 8, False, loader=AdapterLoader(2))
+    real = reg._read
+    reg._read = lambda name, src: (gate.wait(10) if src.path == str(old) else None,
+                                   real(name, src))[1]
+    reg.add_lazy("x", str(old))
+    assert not reg.ready("x")
+    reg.remove("x")
+    reg.add_lazy("x", str(new))
+    assert not reg.ready("x")  # a second read started, for the new files
+    while reg.loader.num_loading > 1:
+        threading.Event().wait(0.01)
+    gate.set()
+    while reg.loader.num_loading:
+        threading.Event().wait(0.01)
+    assert reg.collect() == []
+    assert reg.ready("x") and reg.get("x").max_rank == 16  # mlp16's weights, not qv8's
+    assert reg.stats["disk_loads"] == 1

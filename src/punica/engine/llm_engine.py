@@ -82,7 +82,9 @@ class LLMEngine:
                                         loader)
         self.slots = AdapterSlots(max(lc.max_loras, 1))
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
-                                   self.slots, self.registry.ready)
+                                   self.slots, self.adapter_ready)
+        self.registry.protected = lambda: {s.adapter for s in self.scheduler.waiting
+                                           if s.adapter is not None}
         self.stops = StopChecker(self.tokenizer, a.eos_token_ids, self.max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_failures": 0,
@@ -170,7 +172,7 @@ class LLMEngine:
             assert path is not None  # validate() found it
             self.registry.add_lazy(adapter, str(path), self.config.lora.lora_root)
         if adapter is not None:
-            self.registry.ready(adapter)  # prefetch: its files are read while it queues
+            self.adapter_ready(adapter)  # prefetch: its files are read while it queues
         seqs = []
         for i in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), params, adapter)
@@ -206,6 +208,7 @@ class LLMEngine:
 
     def _fail_adapter(self, name: str, err: Exception) -> None:
         """An adapter failed in use: fail its requests, leave its slot empty."""
+        err = self._redacted(err)
         log.warning("adapter %r failed; failing its requests: %s", name, err)
         self.stats["adapter_failures"] += 1
         for rid in self.requests_of(name):
@@ -406,33 +409,50 @@ class LLMEngine:
         than hang. Requests whose adapter is being read wait for it."""
         if self.scheduler.running:
             return
-        ready = self.registry.ready
         seq = next((s for s in self.scheduler.waiting
-                    if s.adapter is None or ready(s.adapter)), None)
+                    if s.adapter is None or self.adapter_ready(s.adapter)), None)
         if seq is not None:
             self._fail_request(seq.request_id, CapacityError(
                 f"this request needs {seq.num_tokens} tokens of KV cache, more than the engine "
                 "can ever give one request"))
 
+    def adapter_ready(self, name: str) -> bool:
+        """Whether a request of `name` can be admitted now: its weights are in a GPU slot or in
+        host memory; if neither, its files are being read (started here when they are not)."""
+        return self.slots.is_filled(name) or self.registry.ready(name)
+
     def _collect_reads(self) -> None:
-        """Cache the adapters the loader threads finished reading; a failed read fails its
-        adapter's requests (no other request is touched)."""
+        """Cache the adapters the loader threads finished reading; a failed read fails the
+        queued requests that waited for it (no other request is touched: one running off the
+        adapter's GPU slot goes on)."""
         for name, err in self.registry.collect():
             if not isinstance(err, PunicaError):
                 err = AdapterLoadError(f"adapter {name!r} could not be read "
                                        f"({type(err).__name__}: {err})")
-            if self.jit_root is not None:  # clients name folders below the root, not above it
-                root = str(Path(self.jit_root).resolve())
-                err = type(err)(str(err).replace(root, "<lora-root>"))
-            self._fail_adapter(name, err)
+            err = self._redacted(err)
+            log.warning("adapter %r could not be read; failing its queued requests: %s", name,
+                        err)
+            for rid in self.requests_of(name):
+                if not any(s.status is SeqStatus.RUNNING for s in self._requests[rid]):
+                    self._fail_request(rid, err)
+
+    def _redacted(self, err: Exception) -> Exception:
+        """The error as a client may read it: the just-in-time root's own path (above the
+        folders clients name) shown as <lora-root>."""
+        if self.jit_root is None:
+            return err
+        root = str(Path(self.jit_root).resolve())
+        text = str(err)
+        return type(err)(text.replace(root, "<lora-root>")) if root in text else err
 
     def waiting_on_reads(self) -> bool:
         """Whether nothing can run until a loader finishes reading an adapter (the caller may
         sleep until `on_adapter_read`). Collects the reads finished so far first."""
         self._collect_reads()
         sched = self.scheduler
-        return (not sched.running and self._inflight is None and bool(sched.waiting)
-                and not any(s.adapter is None or self.registry.ready(s.adapter)
+        return (not sched.running and self._inflight is None and not self._errors
+                and bool(sched.waiting)
+                and not any(s.adapter is None or self.adapter_ready(s.adapter)
                             for s in sched.waiting))
 
     def _adapter_read(self) -> None:

@@ -92,8 +92,6 @@ def plan_memory(runner: ModelRunner) -> MemoryPlan:
             keys = graph_keys(buckets, token_buckets, runner.decode_split is not None)
             graph_reserve += kept_bytes(keys, runner.arch.vocab_size, runner.max_blocks)
     budget = kv_budget(cc, runner.device)
-    if runner.device.type == "cuda":
-        cap_process(runner.device, budget)
     kv = budget - step_peak - graph_reserve
     blocks = max(0, kv) // per_block
     if blocks < 1:
@@ -104,6 +102,8 @@ def plan_memory(runner: ModelRunner) -> MemoryPlan:
             f"({per_block} bytes per block): raise gpu_memory_utilization, lower "
             "max_num_batched_tokens or max_num_seqs, free other users of the GPU, or set "
             "num_kv_blocks")
+    if runner.device.type == "cuda":
+        cap_process(runner.device, budget)
     return MemoryPlan(int(blocks), budget, step_peak, graph_reserve, int(blocks) * per_block)
 
 

@@ -2,10 +2,11 @@
 validates an adapter (`load_adapter`), and the engine thread collects the results at its next step
 (`collect`). Nothing here touches the registry: the engine thread owns it.
 
-Life cycle of one load: start(name, ...) -> running on a loader thread -> done (weights or the
-error) -> collected by the engine thread (the registry caches the weights, or the adapter's
-requests fail with the error). A second start of a name still loading is a no-op: concurrent
-first requests for one adapter load it once.
+Life cycle of one load: start((name, serial), ...) -> running on a loader thread -> done (weights
+or the error) -> collected by the engine thread (the registry caches the weights, or the
+adapter's requests fail with the error). A second start of a key still loading is a no-op:
+concurrent first requests for one adapter load it once. The serial is the registration's: a read
+of a name unloaded and registered again is another key, and its stale result is discarded.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ log = logging.getLogger(__name__)
 LoadFn = Callable[[], AdapterWeights]
 
 
+Key = tuple[str, int]
+"""(adapter name, registration serial): one read per registration of a name."""
+
+
 @dataclass(frozen=True)
 class LoadResult:
-    name: str
+    key: Key
     weights: AdapterWeights | None
     error: Exception | None
     seconds: float
@@ -40,25 +45,26 @@ class AdapterLoader:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max(1, threads), thread_name_prefix="punica-lora-load")
         self._lock = threading.Lock()
-        self._running: dict[str, concurrent.futures.Future] = {}
+        self._running: dict[Key, concurrent.futures.Future] = {}
         self._done: list[LoadResult] = []
         self.on_done = on_done
 
-    def loading(self, name: str) -> bool:
+    def loading(self, key: Key) -> bool:
         with self._lock:
-            return name in self._running
+            return key in self._running
 
     @property
     def num_loading(self) -> int:
         with self._lock:
             return len(self._running)
 
-    def start(self, name: str, load: LoadFn) -> bool:
-        """Start loading `name` with load() unless it is loading already; whether it started."""
+    def start(self, key: Key, load: LoadFn) -> bool:
+        """Start reading `key` with load() unless it is being read already; whether it
+        started."""
         with self._lock:
-            if name in self._running:
+            if key in self._running:
                 return False
-            self._running[name] = self._pool.submit(self._run, name, load)
+            self._running[key] = self._pool.submit(self._run, key, load)
             return True
 
     def collect(self) -> list[LoadResult]:
@@ -67,16 +73,16 @@ class AdapterLoader:
             done, self._done = self._done, []
         return done
 
-    def _run(self, name: str, load: LoadFn) -> None:
+    def _run(self, key: Key, load: LoadFn) -> None:
         start = time.perf_counter()
         weights, error = None, None
         try:
             weights = load()
         except Exception as err:  # noqa: BLE001 - charged to the adapter by the engine
             error = err
-        result = LoadResult(name, weights, error, time.perf_counter() - start)
+        result = LoadResult(key, weights, error, time.perf_counter() - start)
         with self._lock:
-            self._running.pop(name, None)
+            self._running.pop(key, None)
             self._done.append(result)
         if self.on_done is not None:
             try:

@@ -21,7 +21,9 @@ served as a mix of two versions: load it again (replace) to take the new files.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,6 +46,9 @@ class Source:
     """Every file read for it must resolve below this folder (None: anywhere)."""
     stamps: tuple[FileStamp, ...] | None
     """Its files' stamps at registration (None: registered lazily, not read yet)."""
+    serial: int = 0
+    """Which registration of the name this is: a read started for an earlier one (unloaded or
+    replaced since) is discarded when collected, never credited to this one."""
 
 
 def weights_bytes(weights: AdapterWeights) -> int:
@@ -69,7 +74,12 @@ class AdapterRegistry:
         self._cached_bytes = 0
         self._in_memory: dict[str, AdapterWeights] = {}  # no path: never evicted
         self._reading: dict[str, Source] = {}
-        """Adapters a loader reads, with the source it reads (a reload meanwhile discards it)."""
+        """Adapters a loader reads for their current registration."""
+        self._serials = itertools.count(1)
+        self.protected: Callable[[], set[str]] = set
+        """Adapters whose host copy must not be evicted (the engine: those of queued requests,
+        so that a prefetch never evicts what an admissible request needs); the cache exceeds
+        its bounds rather than drop them."""
         self.stats: Counter[str] = Counter()
         """host_hits, host_misses, disk_loads, load_failures, host_evictions; load_seconds."""
 
@@ -87,7 +97,7 @@ class AdapterRegistry:
         weights = load_adapter(name, path, self.arch, self.max_rank, self.allow_pickle, root,
                                self.dtype)
         self._forget(name)
-        self.sources[name] = Source(str(path), root, weights.stamps)
+        self.sources[name] = Source(str(path), root, weights.stamps, next(self._serials))
         self._remember(weights)
         return weights
 
@@ -95,12 +105,12 @@ class AdapterRegistry:
         """Register a folder without reading it: its first read (`ready` or `get`) validates
         it; a read that fails unregisters it (`collect`)."""
         self._forget(name)
-        self.sources[name] = Source(str(path), root, None)
+        self.sources[name] = Source(str(path), root, None, next(self._serials))
 
     def add_weights(self, weights: AdapterWeights) -> None:
         """Register weights built in memory (benchmarks, tests)."""
         self._forget(weights.name)
-        self.sources[weights.name] = Source("", None, ())
+        self.sources[weights.name] = Source("", None, (), next(self._serials))
         self._in_memory[weights.name] = weights
 
     def remove(self, name: str) -> None:
@@ -126,10 +136,12 @@ class AdapterRegistry:
             return False
         if self.loader is None:
             return True  # get() reads on the caller's thread
-        if name not in self._reading:
+        if name not in self._reading and len(self._reading) < self.max_cached:
+            # (reads in flight are bounded by the cache's count: a queue of cold adapters does
+            # not read more than the cache can keep; the others start as these finish)
             self._reading[name] = src
             self.stats["host_misses"] += 1
-            self.loader.start(name, functools.partial(self._read, name, src))
+            self.loader.start((name, src.serial), functools.partial(self._read, name, src))
         return False
 
     def collect(self) -> list[tuple[str, Exception]]:
@@ -139,21 +151,22 @@ class AdapterRegistry:
             return []
         failed = []
         for r in self.loader.collect():
-            src = self._reading.get(r.name)
-            if src is None or self.sources.get(r.name) is not src:
-                continue  # unloaded or replaced while it was read
-            del self._reading[r.name]
+            name, serial = r.key
+            src = self._reading.get(name)
+            if src is None or src.serial != serial or self.sources.get(name) is not src:
+                continue  # unloaded or replaced while it was read: not this registration's
+            del self._reading[name]
             self.stats["load_seconds"] += r.seconds
             if r.error is not None:
                 self.stats["load_failures"] += 1
                 if src.stamps is None:
-                    del self.sources[r.name]
-                failed.append((r.name, r.error))
+                    del self.sources[name]
+                failed.append((name, r.error))
                 continue
             assert r.weights is not None
             self.stats["disk_loads"] += 1
             if src.stamps is None:
-                self.sources[r.name] = replace(src, stamps=r.weights.stamps)
+                self.sources[name] = replace(src, stamps=r.weights.stamps)
             self._remember(r.weights)
         return failed
 
@@ -170,7 +183,13 @@ class AdapterRegistry:
             self.stats["host_hits"] += 1
             return self._cache[name]
         src = self.sources[name]
-        weights = self._read(name, src)
+        try:
+            weights = self._read(name, src)
+        except Exception:
+            self.stats["load_failures"] += 1
+            if src.stamps is None:  # never validated: not kept (a fixed folder is read afresh)
+                del self.sources[name]
+            raise
         self.stats["disk_loads"] += 1
         if src.stamps is None:
             self.sources[name] = replace(src, stamps=weights.stamps)
@@ -202,12 +221,17 @@ class AdapterRegistry:
             self._cached_bytes -= weights_bytes(old)
         self._cache[weights.name] = weights
         self._cached_bytes += weights_bytes(weights)
+        protected = None
         while len(self._cache) > 1 and (
                 len(self._cache) > self.max_cached or (
                     self.max_cached_bytes is not None
                     and self._cached_bytes > self.max_cached_bytes)):
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= weights_bytes(evicted)
+            if protected is None:
+                protected = self.protected() | {weights.name}
+            victim = next((n for n in self._cache if n not in protected), None)
+            if victim is None:
+                return  # every entry is wanted by a queued request: over the bound for now
+            self._cached_bytes -= weights_bytes(self._cache.pop(victim))
             self.stats["host_evictions"] += 1
 
     @property
