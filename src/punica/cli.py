@@ -7,6 +7,7 @@ import argparse
 import sys
 
 BENCHES = {
+    "adapters": "punica.bench.adapters",
     "decode": "punica.bench.decode",
     "lora-op": "punica.bench.lora_op",
     "lora-slices": "punica.bench.lora_slices",
