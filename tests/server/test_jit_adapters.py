@@ -1,6 +1,6 @@
-"""`punica serve --lora-root DIR`: a request naming an adapter folder below the root (nested
-names allowed) loads it on first use; a folder that fails to load fails only its request, with
-the reason; /v1/models lists what is loaded."""
+"""`punica serve --lora-root DIR` and `punica cluster`: a request naming an adapter folder below
+the root (nested names allowed) loads it on first use; a folder that fails to load fails only its
+request, with the reason; /v1/models lists what is loaded."""
 
 from __future__ import annotations
 
@@ -24,18 +24,25 @@ def models(url: str) -> set[str]:
     return {m["id"] for m in httpx.get(f"{url}/v1/models", headers=HEADERS).json()["data"]}
 
 
-@pytest.fixture(scope="module")
-def jit_server(checkpoint: Running, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[Running]:
-    """A server of its own: the folders this test adds below its root must not show in the
-    other modules' /v1/models."""
+@pytest.fixture(scope="module", params=["serve", "cluster"])
+def jit_server(request: pytest.FixtureRequest, checkpoint: Running,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, str]]:
+    """A server of its own (`punica serve`, or a two-engine CPU `punica cluster`): the folders
+    this test adds below its root must not show in the other modules' /v1/models."""
     c = replace(checkpoint, lora_root=Path(tmp_path_factory.mktemp("jit-root")))
-    with punica_serve(*serve_flags(c)) as url:
-        yield replace(c, url=url)
+    if request.param == "serve":
+        with punica_serve(*serve_flags(c)) as url:
+            yield replace(c, url=url), "serve"
+        return
+    pytest.importorskip("ray")
+    with punica_serve(*serve_flags(c), "--num-engines", "2", "--cpus-per-engine", "1",
+                      command="cluster", wait_s=240) as url:
+        yield replace(c, url=url), "cluster"
 
 
-def test_first_use_loads_a_folder_below_the_root(jit_server: Running) -> None:
-    serve_server = jit_server
+def test_first_use_loads_a_folder_below_the_root(jit_server: tuple[Running, str]) -> None:
+    serve_server, kind = jit_server
+    cluster = kind == "cluster"
     root = serve_server.lora_root
     save_adapter(serve_server.model_dir, root / "team" / "jit", 7, **ADAPTERS["mlp16"])
     bad = save_adapter(serve_server.model_dir, root / "team" / "broken", 8, **ADAPTERS["qv8"])
@@ -58,16 +65,18 @@ def test_first_use_loads_a_folder_below_the_root(jit_server: Running) -> None:
     assert broken.status_code == 400 and "team/broken" in message, broken.text
     assert "adapter_config.json" in message and str(root.resolve()) not in message
     assert [r.status_code for r in answers[5:]] == [200, 200]
+    for name in ("team/../qv8", "/etc", "team/missing"):
+        r = httpx.post(f"{serve_server.url}/v1/completions", headers=HEADERS,
+                       json={"model": name, "prompt": [5], "max_tokens": 1})
+        assert r.status_code == 404, (name, r.text)
+    if cluster:  # each engine reads the folder when it first gets one of its requests; the
+        return   # cluster lists adapters every engine holds and has no /metrics
     metrics = httpx.get(f"{serve_server.url}/metrics", headers=HEADERS).text
     reads = re.search(r"^punica_adapter_disk_loads ([0-9.]+)$", metrics, re.M)
     failures = re.search(r"^punica_adapter_load_failures ([0-9.]+)$", metrics, re.M)
     assert reads and float(reads[1]) >= 1 and failures and float(failures[1]) >= 1, metrics
     listed = models(serve_server.url)
     assert "team/jit" in listed and "team/broken" not in listed
-    for name in ("team/../qv8", "/etc", "team/missing"):
-        r = httpx.post(f"{serve_server.url}/v1/completions", headers=HEADERS,
-                       json={"model": name, "prompt": [5], "max_tokens": 1})
-        assert r.status_code == 404, (name, r.text)
     # the offline API: the same folder by name, the same tokens
     llm = LLM(str(serve_server.model_dir), dtype="float32", device="cpu", max_model_len=64,
               max_loras=2, max_lora_rank=16, lora_root=str(root))

@@ -16,6 +16,7 @@ from punica.engine.llm_engine import LLMEngine
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.stops import StopChecker
 from punica.errors import AdapterInUseError, AdapterNotFoundError
+from punica.lora.registry import jit_path
 
 
 class Fleet(Protocol):
@@ -32,6 +33,10 @@ class ClusterModel:
         self.vocab_size = info.vocab_size
         self._stops = StopChecker(None, (), info.max_model_len)
         self._adapters = frozenset(info.adapters)
+        self.jit_root = info.jit_root
+        """Requests may name folders below it: the engine a request is placed on reads the
+        adapter just in time (each engine reads it once, when it first gets one of its
+        requests)."""
         self.desired: dict[str, tuple[str, str | None] | None] = dict.fromkeys(info.adapters)
         """The adapters the cluster serves: name -> (path, root) of a load since start, or
         None for one every engine loads when it starts. A restarted engine is made to match."""
@@ -44,7 +49,8 @@ class ClusterModel:
     def validate(self, prompt_ids: list[int], adapter: str | None,
                  params: SamplingParams | None = None) -> None:
         self._stops.validate_prompt(prompt_ids, self.vocab_size, params)
-        if adapter is not None and adapter not in self._adapters:
+        if adapter is not None and adapter not in self._adapters and \
+                jit_path(self.jit_root, adapter) is None:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded")
 
     def list_loras(self) -> list[str]:

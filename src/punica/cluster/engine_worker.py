@@ -58,6 +58,8 @@ class EngineInfo:
     num_blocks: int
     adapters: tuple[str, ...]
     device: str
+    jit_root: str | None = None
+    """The folder of just-in-time adapters (LoraConfig.lora_root)."""
 
 
 @dataclass
@@ -121,7 +123,8 @@ class EngineWorker:
         e = self.engine
         return EngineInfo(self.engine_id, e.arch.vocab_size, e.max_model_len,
                           e.config.cache.block_size, e.config.scheduler.max_num_seqs,
-                          e.scheduler.blocks.num_blocks, tuple(e.list_loras()), str(e.device))
+                          e.scheduler.blocks.num_blocks, tuple(e.list_loras()), str(e.device),
+                          e.jit_root)
 
     def add(self, number: int, request_id: str, prompt_ids: list[int], params: SamplingParams,
             adapter: str | None, done: RequestOutput | None = None) -> None:
