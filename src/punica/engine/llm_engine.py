@@ -8,6 +8,8 @@ Failures are charged to whom they belong (the requests of other tenants go on un
 - a request whose logits are not finite (an adapter whose numbers overflow in use): that request
   fails (AdapterFailedError);
 - unloading an adapter: its requests, running or queued, fail with AdapterNotFoundError;
+- an adapter whose files fail to read on a loader thread: the queued requests that waited for it
+  fail (AdapterLoadError); registering, unloading and reading adapters live in adapter_ops.py;
 - anything else a step raises (a bug, a device error): the requests in that step fail with
   StepFailedError, the traceback is logged, and the engine goes on with the others.
 A failed request finishes with finish_reason "error" and its RequestOutput carries the error.
@@ -19,11 +21,11 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from punica.config import EngineConfig
+from punica.engine.adapter_ops import AdapterOps
 from punica.engine.block_manager import BlockManager
 from punica.engine.inflight import PLACEHOLDER, InFlight, has_placeholder, real_output_ids
 from punica.engine.model_runner import ModelRunner
@@ -36,7 +38,6 @@ from punica.engine.step_stats import StepStats
 from punica.engine.stops import StopChecker
 from punica.errors import (
     AdapterFailedError,
-    AdapterInUseError,
     AdapterLoadError,
     AdapterNotFoundError,
     CapacityError,
@@ -44,7 +45,6 @@ from punica.errors import (
     StepFailedError,
 )
 from punica.lora.loader import AdapterLoader
-from punica.lora.peft import AdapterWeights
 from punica.lora.registry import AdapterRegistry, jit_path
 from punica.lora.slots import AdapterSlots
 from punica.models.llama import CausalLM
@@ -53,7 +53,7 @@ from punica.tokens import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(AdapterOps):
     def __init__(self, config: EngineConfig, model: CausalLM | None = None) -> None:
         """`model`: an already built model (benchmarks' random weights); else config.model.model
         is loaded from disk."""
@@ -103,64 +103,6 @@ class LLMEngine:
         """The sequences of the step being run (and of the one it settles): a step that raises
         fails these, no others."""
 
-    # Adapters ---------------------------------------------------------------------------
-    def load_lora(self, name: str, path: str, root: str | None = None,
-                  replace: bool = False) -> None:
-        """Register (parse and check) the adapter at `path`. `root`: its files must resolve
-        below it. An adapter of that name is replaced only with `replace`, and only while no
-        request uses it."""
-        if self.lora_pool is None:
-            raise CapacityError("LoRA is disabled (max_loras=0)")
-        self._check_replace(name, replace)
-        self.registry.add(name, path, root)
-        self.slots.drop(name)  # a reload must be copied into the pool again
-
-    def add_lora_weights(self, weights: AdapterWeights, replace: bool = False) -> None:
-        """Register adapter weights held in memory (no directory behind them)."""
-        if self.lora_pool is None:
-            raise CapacityError("LoRA is disabled (max_loras=0)")
-        self._check_replace(weights.name, replace)
-        self.registry.add_weights(weights)
-        self.slots.drop(weights.name)
-
-    def _check_replace(self, name: str, replace: bool) -> None:
-        if name not in self.registry:
-            return
-        if not replace:
-            raise AdapterInUseError(f"adapter {name!r} is already loaded; unload it first or "
-                                    "ask to replace it")
-        users = self.requests_of(name)
-        if users:
-            raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} request(s); "
-                                    "replace it when idle")
-
-    def remove_lora(self, name: str) -> list[str]:
-        """Unregister an adapter. Its requests, running or queued, fail with
-        AdapterNotFoundError (no other request is touched); returns their ids."""
-        if name not in self.registry:
-            raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
-        users = self.requests_of(name)
-        err = AdapterNotFoundError(f"adapter {name!r} was unloaded while this request was in "
-                                   "flight")
-        for rid in users:
-            self._fail_request(rid, err)
-        self.slots.drop(name)
-        self.registry.remove(name)
-        return users
-
-    @property
-    def jit_root(self) -> str | None:
-        """The folder of just-in-time adapters (LoraConfig.lora_root)."""
-        return self.config.lora.lora_root
-
-    def list_loras(self) -> list[str]:
-        return sorted(self.registry.sources)
-
-    def requests_of(self, adapter: str) -> list[str]:
-        """Unfinished requests that use `adapter`."""
-        return [rid for rid, seqs in self._requests.items()
-                if seqs[0].adapter == adapter and rid not in self._errors]
-
     # Requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     adapter: str | None = None) -> None:
@@ -205,15 +147,6 @@ class LLMEngine:
         for seq in self._requests.get(request_id, []):
             if not seq.is_finished:
                 self.scheduler.finish(seq, "error")
-
-    def _fail_adapter(self, name: str, err: Exception) -> None:
-        """An adapter failed in use: fail its requests, leave its slot empty."""
-        err = self._redacted(err)
-        log.warning("adapter %r failed; failing its requests: %s", name, err)
-        self.stats["adapter_failures"] += 1
-        for rid in self.requests_of(name):
-            self._fail_request(rid, err)
-        self.slots.drop(name)
 
     def unfinished_ids(self) -> list[str]:
         return list(self._requests)
@@ -415,49 +348,6 @@ class LLMEngine:
             self._fail_request(seq.request_id, CapacityError(
                 f"this request needs {seq.num_tokens} tokens of KV cache, more than the engine "
                 "can ever give one request"))
-
-    def adapter_ready(self, name: str) -> bool:
-        """Whether a request of `name` can be admitted now: its weights are in a GPU slot or in
-        host memory; if neither, its files are being read (started here when they are not)."""
-        return self.slots.is_filled(name) or self.registry.ready(name)
-
-    def _collect_reads(self) -> None:
-        """Cache the adapters the loader threads finished reading; a failed read fails the
-        queued requests that waited for it (no other request is touched: one running off the
-        adapter's GPU slot goes on)."""
-        for name, err in self.registry.collect():
-            if not isinstance(err, PunicaError):
-                err = AdapterLoadError(f"adapter {name!r} could not be read "
-                                       f"({type(err).__name__}: {err})")
-            err = self._redacted(err)
-            log.warning("adapter %r could not be read; failing its queued requests: %s", name,
-                        err)
-            for rid in self.requests_of(name):
-                if not any(s.status is SeqStatus.RUNNING for s in self._requests[rid]):
-                    self._fail_request(rid, err)
-
-    def _redacted(self, err: Exception) -> Exception:
-        """The error as a client may read it: the just-in-time root's own path (above the
-        folders clients name) shown as <lora-root>."""
-        if self.jit_root is None:
-            return err
-        root = str(Path(self.jit_root).resolve())
-        text = str(err)
-        return type(err)(text.replace(root, "<lora-root>")) if root in text else err
-
-    def waiting_on_reads(self) -> bool:
-        """Whether nothing can run until a loader finishes reading an adapter (the caller may
-        sleep until `on_adapter_read`). Collects the reads finished so far first."""
-        self._collect_reads()
-        sched = self.scheduler
-        return (not sched.running and self._inflight is None and not self._errors
-                and bool(sched.waiting)
-                and not any(s.adapter is None or self.adapter_ready(s.adapter)
-                            for s in sched.waiting))
-
-    def _adapter_read(self) -> None:
-        if self.on_adapter_read is not None:
-            self.on_adapter_read()
 
     def _collect_finished(self) -> list[RequestOutput]:
         done = []
