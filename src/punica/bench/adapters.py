@@ -44,8 +44,10 @@ def write_adapters(arch: object, root: Path, count: int, rank: int, targets: tup
     return time.perf_counter() - start
 
 
-def trace(n: int, rate: float, maxlen: int, seed: int) -> tuple[list[float], list[tuple[int,
-                                                                                        int]]]:
+Lengths = list[tuple[int, int]]
+
+
+def trace(n: int, rate: float, maxlen: int, seed: int) -> tuple[list[float], Lengths]:
     """Arrival times (Poisson, `rate` per second) and (prompt, output) lengths."""
     rng = random.Random(seed)
     t, arrivals = 0.0, []
@@ -55,7 +57,7 @@ def trace(n: int, rate: float, maxlen: int, seed: int) -> tuple[list[float], lis
     return arrivals, request_lengths(n, maxlen, seed)
 
 
-def replay(engine: LLMEngine, arrivals: list[float], lengths: list[tuple[int, int]],
+def replay(engine: LLMEngine, arrivals: list[float], lengths: Lengths,
            names: list[str], vocab: int, label: str) -> dict[str, object]:
     """Add each request at its arrival time while stepping; throughput over the whole run."""
     gen = torch.Generator().manual_seed(0)
