@@ -226,3 +226,24 @@ def test_review_cases_stale_reads_resident_slots_fcfs_and_sync_reads(
     out = drive(sync)["b"]
     assert isinstance(out.error, AdapterLoadError) and str(root.resolve()) not in str(out.error)
     assert "bad" not in sync.list_loras()
+
+
+def test_an_explicit_load_can_be_parsed_off_the_engine_thread(
+        fleet: tuple[Path, Path], alone: dict[str, list[int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """parse_lora (any thread) then load_lora(parsed=...) (the engine thread) registers without
+    reading a file there: the server's load endpoint does this."""
+    import punica.lora.registry as registry_module
+
+    base, root = fleet
+    eng = engine(base, root)
+    weights = eng.parse_lora("mine", str(root / "org" / "b"), str(root))
+
+    def no_reads(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the engine thread read adapter files")
+
+    monkeypatch.setattr(registry_module, "load_adapter", no_reads)
+    eng.load_lora("mine", str(root / "org" / "b"), str(root), parsed=weights)
+    eng.add_request("slow", [3, 4], GREEDY, "mine")
+    assert drive(eng)["slow"].token_ids == alone["slow"]
+    assert eng.registry.sources["mine"].stamps == weights.stamps

@@ -48,15 +48,22 @@ class AdapterOps:
     """LLMEngine's: finish a request's sequences with finish_reason "error"."""
 
     def load_lora(self, name: str, path: str, root: str | None = None,
-                  replace: bool = False) -> None:
+                  replace: bool = False, parsed: AdapterWeights | None = None) -> None:
         """Register (parse and check) the adapter at `path`. `root`: its files must resolve
         below it. An adapter of that name is replaced only with `replace`, and only while no
-        request uses it."""
+        request uses it. `parsed`: its weights from `parse_lora` on another thread (the server
+        parses off the engine thread); else it is parsed here."""
         if self.lora_pool is None:
             raise CapacityError("LoRA is disabled (max_loras=0)")
         self._check_replace(name, replace)
-        self.registry.add(name, path, root)
+        self.registry.add(name, path, root, parsed)
         self.slots.drop(name)  # a reload must be copied into the pool again
+
+    def parse_lora(self, name: str, path: str, root: str | None = None) -> AdapterWeights:
+        """Parse and check an adapter folder without registering it (any thread)."""
+        if self.lora_pool is None:
+            raise CapacityError("LoRA is disabled (max_loras=0)")
+        return self.registry.parse(name, path, root)
 
     def add_lora_weights(self, weights: AdapterWeights, replace: bool = False) -> None:
         """Register adapter weights held in memory (no directory behind them)."""

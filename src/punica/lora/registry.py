@@ -93,9 +93,17 @@ class AdapterRegistry:
     def __len__(self) -> int:
         return len(self.sources)
 
-    def add(self, name: str, path: str, root: str | None = None) -> AdapterWeights:
-        weights = load_adapter(name, path, self.arch, self.max_rank, self.allow_pickle, root,
-                               self.dtype)
+    def parse(self, name: str, path: str, root: str | None = None) -> AdapterWeights:
+        """Parse and check an adapter folder for this registry (any thread: reads nothing of
+        the registry's mutable state)."""
+        return load_adapter(name, path, self.arch, self.max_rank, self.allow_pickle, root,
+                            self.dtype)
+
+    def add(self, name: str, path: str, root: str | None = None,
+            parsed: AdapterWeights | None = None) -> AdapterWeights:
+        """Register the folder at `path`, parsing it now unless `parsed` (from `parse`, on
+        another thread) holds its weights already."""
+        weights = parsed if parsed is not None else self.parse(name, path, root)
         self._forget(name)
         self.sources[name] = Source(str(path), root, weights.stamps, next(self._serials))
         self._remember(weights)
