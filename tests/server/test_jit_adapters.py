@@ -65,6 +65,11 @@ def test_first_use_loads_a_folder_below_the_root(jit_server: tuple[Running, str]
     assert broken.status_code == 400 and "team/broken" in message, broken.text
     assert "adapter_config.json" in message and str(root.resolve()) not in message
     assert [r.status_code for r in answers[5:]] == [200, 200]
+    for model, answer in zip(("tiny-llama", "qv8"), answers[5:], strict=True):  # as alone
+        alone = httpx.post(f"{serve_server.url}/v1/completions", headers=HEADERS, timeout=60,
+                           json={"model": model, "prompt": [5, 6, 7], "max_tokens": 4,
+                                 "temperature": 0.0, "ignore_eos": True})
+        assert alone.json()["choices"][0]["text"] == answer.json()["choices"][0]["text"]
     for name in ("team/../qv8", "/etc", "team/missing"):
         r = httpx.post(f"{serve_server.url}/v1/completions", headers=HEADERS,
                        json={"model": name, "prompt": [5], "max_tokens": 1})

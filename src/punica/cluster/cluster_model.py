@@ -56,9 +56,14 @@ class ClusterModel:
     def list_loras(self) -> list[str]:
         return sorted(self._adapters)
 
+    def parse_lora(self, name: str, path: str, root: str | None = None) -> None:
+        """Nothing here: each engine parses the folder when it loads it (load_lora)."""
+        return None
+
     def load_lora(self, name: str, path: str, root: str | None = None,
-                  replace: bool = False) -> None:
-        """Load on every engine; usable once all have it (a partial load stays unusable)."""
+                  replace: bool = False, parsed: None = None) -> None:
+        """Load on every engine; usable once all have it (a partial load stays unusable).
+        `parsed` is always None (parse_lora): the engines read the folder themselves."""
         if replace and self.fleet.adapter_users(name):
             raise AdapterInUseError(f"adapter {name!r} is used by "
                                     f"{self.fleet.adapter_users(name)} request(s); replace it "

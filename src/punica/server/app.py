@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import punica
 from punica.engine.async_engine import AsyncEngine
-from punica.engine.llm_engine import LLMEngine
 from punica.errors import AdapterLoadError, InvalidRequestError, PunicaError
 from punica.server import formatting as fmt
 from punica.server.limits import DISCONNECTED, RequestGate
@@ -132,14 +131,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
         path = safe_lora_path(settings.lora_root, body.lora_path)
         root = str(safe_lora_path(settings.lora_root, "."))
         try:
-            if isinstance(engine.engine, LLMEngine):  # parse off the engine thread: its steps
-                parsed = await asyncio.to_thread(  # go on while the files are read
-                    engine.engine.parse_lora, body.lora_name, str(path), root)
-                await engine.call(lambda e: e.load_lora(body.lora_name, str(path), root,
-                                                        body.replace, parsed))
-            else:  # the cluster: every engine reads the folder
-                await engine.call(lambda e: e.load_lora(body.lora_name, str(path), root,
-                                                        body.replace))
+            # parsed off the engine thread (its steps go on while the files are read), then
+            # registered on it
+            parsed = await asyncio.to_thread(engine.engine.parse_lora, body.lora_name,
+                                             str(path), root)
+            await engine.call(lambda e: e.load_lora(body.lora_name, str(path), root,
+                                                    body.replace, parsed))
         except AdapterLoadError as err:  # name paths below the root as the client did
             raise AdapterLoadError(str(err).replace(root, "<lora-root>")) from err
         log.info("adapter %r loaded from %s%s", body.lora_name, path,
