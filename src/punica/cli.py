@@ -7,6 +7,7 @@ import argparse
 import sys
 
 BENCHES = {
+    "adapter-latency": "punica.bench.adapter_latency",
     "adapters": "punica.bench.adapters",
     "decode": "punica.bench.decode",
     "lora-op": "punica.bench.lora_op",

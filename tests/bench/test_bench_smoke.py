@@ -122,15 +122,23 @@ def test_adapters_bench_smoke(tmp_path: Path) -> None:
     2 and 7 adapters named by the requests and read just in time."""
     rc = main(["bench", "adapters", "--arch", "tiny", "--device", "cpu", "--counts", "2,7",
                "--rank", "4", "--num-requests", "14", "--rate", "200", "--maxlen", "24",
-               "--max-loras", "2", "--max-cpu-loras", "3", "--out-dir", str(tmp_path)])
+               "--max-loras", "2", "--max-cpu-loras", "3", "--s2-folders", "3",
+               "--out-dir", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "adapters.json").read_text())
     rows = result["rows"]
-    assert [r["adapters"] for r in rows] == [2, 7] and result["baseline"] == "2 adapters"
+    assert [(r["setting"], r["adapters"]) for r in rows] == \
+        [("s1", 2), ("s1", 7), ("s2", 2), ("s2", 7)]
+    assert result["settings"] == {"s1": [4], "s2": [8, 16, 32, 64]}
     assert all(r["requests"] == 14 and r["tok_s"] > 0 for r in rows)
-    assert rows[0]["vs_baseline"] == 1.0
+    assert rows[0]["vs_baseline"] == rows[2]["vs_baseline"] == 1.0
     assert rows[1]["vs_baseline"] == pytest.approx(rows[1]["tok_s"] / rows[0]["tok_s"])
+    assert rows[3]["vs_baseline"] == pytest.approx(rows[3]["tok_s"] / rows[2]["tok_s"])
     # every adapter used was read at least once; with 3 host entries for up to 7, some twice
     assert all(r["disk_reads"] >= r["distinct_used"] for r in rows)
-    assert sorted(p.name for p in (tmp_path / "adapter_root").iterdir()) == \
-        sorted(f"a{k}" for k in range(7))
+    root = tmp_path / "adapter_root"
+    assert sorted(p.name for p in (root / "s1").iterdir()) == sorted(f"a{k}" for k in range(7))
+    # S2: three folders of their own ranks, the other names link to them
+    assert [(root / "s2" / f"a{k}").is_symlink() for k in range(7)] == [False] * 3 + [True] * 4
+    assert (root / "s2" / "a5").resolve() == (root / "s2" / "a2").resolve()
+    assert (tmp_path / "adapters.png").stat().st_size > 0

@@ -6,8 +6,11 @@ x[bs, 4096] . A[4096, r] . B[r, 11008], fp16, the four mixes; each figure beside
 that must move / device-to-device copy bandwidth measured in the same run). Beside the default
 launches, the pair forced onto the tile kernels (`ours_graph_tile_us`) and, up to
 ROW_KERNEL_MAX_TOKENS rows, onto the row kernels (`ours_graph_row_us`), so each row shows what the
-row / tile dispatch of `lora_config.use_row_kernels` chose against. Writes lora_op.json and
-lora_op.png to --out-dir; `python -m punica.bench.report` renders the table into RESULTS.md.
+row / tile dispatch of `lora_config.use_row_kernels` chose against. Mixed-rank rows (rank_mix
+"mixed": adapters of ranks 8-64 in a pool of max rank 64, each run at its own rank) beside the same
+batch "padded" (every slot run at rank 64, as a server that pads to max_lora_rank does), both over
+the floor of the adapters' own ranks. Writes lora_op.json and lora_op.png to --out-dir;
+`python -m punica.bench.report` renders the table into RESULTS.md.
 """
 
 from __future__ import annotations
@@ -35,24 +38,43 @@ from punica.ops.lora_config import (
 IN_F, OUT_F = 4096, 11008
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)
 MIX_NAMES = ("distinct", "uniform", "skewed", "identical")
+MIXED_RANK_MIXES = ("distinct", "uniform", "skewed")  # several adapters, so several ranks
+MIXED_RANK_SIZES = (16, 64)
+MAX_RANK = max(lc.RANK_CHOICES)
 
 
 def all_cases(quick: bool) -> list[lc.Case]:
+    """The rows of a run: the four mixes at rank 16 over the batch sizes (bs 1 and 64 with
+    `quick`), ranks 8 / 32 / 64 at bs 64, and the mixed-rank rows, each beside its padded twin
+    (distinct at bs 64 only with `quick`)."""
     sizes = (1, 64) if quick else BATCH_SIZES
     cases = [lc.Case(mix, bs, 16) for mix in MIX_NAMES for bs in sizes]
     cases += [lc.Case(mix, 64, r) for r in (8, 32, 64) for mix in MIX_NAMES]
+    mixed = ((("distinct", 64),) if quick
+             else [(mix, bs) for bs in MIXED_RANK_SIZES for mix in MIXED_RANK_MIXES])
+    cases += [lc.Case(mix, bs, MAX_RANK, rank_mix) for mix, bs in mixed
+              for rank_mix in ("mixed", "padded")]
     return cases
 
 
 def check(b: lc.Bench) -> float:
-    """Relative error of our output vs the torch reference on call 0 (fresh random inputs)."""
+    """Relative error of our output vs the torch reference on call 0 (fresh random inputs). A
+    mixed-rank case runs it with NaN in the pool rows past each slot's own rank (put back to zero
+    after): a finite error shows the kernels never read them."""
+    poison = b.case.rank_mix == "mixed"
+    if poison:
+        b.fill_padding(float("nan"))
     c = b.calls[0]
     y0 = c.y.clone()
     ref = y0.clone()
-    lora_ref.add_lora_ref(ref, c.x, b.A, b.B, c.indptr, c.slots, b.ranks, b.scales)
-    lc.ours(b, c)
-    err = ((c.y.float() - ref.float()).norm() / ref.float().norm()).item()
-    c.y.copy_(y0)
+    try:
+        lora_ref.add_lora_ref(ref, c.x, b.A, b.B, c.indptr, c.slots, b.ranks, b.scales)
+        lc.ours(b, c)
+        err = ((c.y.float() - ref.float()).norm() / ref.float().norm()).item()
+    finally:
+        c.y.copy_(y0)
+        if poison:
+            b.fill_padding(0.0)
     return err
 
 
@@ -60,11 +82,16 @@ def measure(case: lc.Case, copy_tbps: float, l2_bytes: int, in_f: int = IN_F,
             out_f: int = OUT_F, device: str = "cuda") -> dict[str, object]:
     """One row of lora_op.json: our op (default launches, eager and CUDA graph; the pair forced
     onto the tile kernels, and onto the row kernels up to ROW_KERNEL_MAX_TOKENS rows), the
-    peers and the floor, at x[bs, in_f] . A . B[r, out_f] fp16."""
+    peers and the floor, at x[bs, in_f] . A . B[r, out_f] fp16. A mixed-rank or padded case's
+    row adds rank_mix, own_ranks (the distinct own ranks) and rank_sum (a call's adapters' own
+    ranks summed, what floor_us counts); its rank is the pool's max rank."""
     b = lc.build(case, in_f, out_f, torch.float16, l2_bytes, device=device)
     first = b.calls[0]
     row: dict[str, object] = {"mix": case.mix, "bs": case.bs, "rank": case.rank,
                               "adapters": b.num_adapters, "rotations": len(b.calls)}
+    if case.rank_mix:
+        row |= {"rank_mix": case.rank_mix, "own_ranks": sorted(set(b.call_ranks)),
+                "rank_sum": sum(b.call_ranks)}
     row["rel_err"] = check(b)
     row["ours_us"] = eager_us(lambda: lc.ours(b, first))
     row["ours_graph_us"] = graph_us([lambda c=c: lc.ours(b, c) for c in b.calls])
@@ -177,8 +204,11 @@ def print_table(rows: list[dict[str, object]]) -> None:
             ("ours_graph_row_us", "graph_row"), ("ours_graph_reduce_us", "graph_red"),
             ("ours_graph_nopdl_us", "graph_nopdl"), ("ours_us", "eager"), ("loop_us", "loop"),
             ("gather_bmm_us", "gather_bmm"), ("rel_err", "rel_err"))
+    from punica.bench.report import rank_label
+
     print(" | ".join(f"{label:>11}" for _, label in cols))
     for r in rows:
+        r = {**r, "rank": rank_label(r)}
         print(" | ".join(f"{r[c]:>11.4g}" if isinstance(r.get(c), float)
                          else f"{r.get(c, '—')!s:>11}" for c, _ in cols))
 
@@ -188,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="bs 1 and 64 only")
     ap.add_argument("--sweep", action="store_true", help="also sweep launch configs")
+    ap.add_argument("--rank-mix-only", action="store_true",
+                    help="only the mixed-rank rows and their padded twins "
+                         "(written to lora_op_mixed.json)")
     ap.add_argument("--sweep-only", action="store_true",
                     help="only the config sweep, kernel split and launch calibration "
                          "(written to lora_op_sweep.json)")
@@ -204,14 +237,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_only:
         return _sweep_only(out_dir, copy_tbps, l2_bytes, argv)
     rows = []
-    for case in all_cases(args.quick):
+    cases = all_cases(args.quick)
+    if args.rank_mix_only:
+        cases = [c for c in cases if c.rank_mix]
+    for case in cases:
         rows.append(measure(case, copy_tbps, l2_bytes))
         torch.cuda.empty_cache()
     result = {**run_info("python -m punica.bench.lora_op " + " ".join(argv or sys.argv[1:])),
               "copy_TBps": copy_tbps, "shape": {"in": IN_F, "out": OUT_F, "dtype": "float16"},
               "rows": rows}
-    (out_dir / "lora_op.json").write_text(json.dumps(result, indent=1))
     print_table(rows)
+    if args.rank_mix_only:
+        (out_dir / "lora_op_mixed.json").write_text(json.dumps(result, indent=1))
+        return 0
+    (out_dir / "lora_op.json").write_text(json.dumps(result, indent=1))
     from punica.bench.report import plot_lora_op
 
     plot_lora_op(result, out_dir / "lora_op.png")

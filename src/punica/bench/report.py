@@ -13,8 +13,21 @@ import json
 from pathlib import Path
 
 
+def rank_label(row: dict) -> str:
+    """A lora_op row's rank: its rank, "8-64" for a mixed-rank row (adapters at their own ranks)
+    and "8-64 pad64" for its padded twin (the same adapters, every slot run at the max rank)."""
+    mix = row.get("rank_mix")
+    if not mix:
+        return str(row["rank"])
+    own = row["own_ranks"]
+    span = f"{min(own)}-{max(own)}" if len(own) > 1 else str(own[0])
+    return span if mix == "mixed" else f"{span} pad{row['rank']}"
+
+
 def lora_op_table(result: dict) -> str:
-    """The lora_op.json rows as a markdown table; figures a run predates read '—'."""
+    """The lora_op.json rows as a markdown table; figures a run predates read '—'. Mixed-rank
+    rows and their padded twins (see `rank_label`) are timed against the floor of the adapters'
+    own ranks, so a padded row's "graph ÷ floor" shows what padding costs."""
     head = (f"Device {result['device']}, torch {result['torch']}, triton {result['triton']}, "
             f"commit `{result['commit'][:12]}`, {result['date']}; copy bandwidth "
             f"{result['copy_TBps']:.2f} TB/s. Command: `{result['command']}`.\n\n"
@@ -26,7 +39,7 @@ def lora_op_table(result: dict) -> str:
     lines = []
     for r in result["rows"]:
         lines.append(
-            f"| {r['mix']} | {r['bs']} | {r['rank']} | {r['floor_us']:.1f} | "
+            f"| {r['mix']} | {r['bs']} | {rank_label(r)} | {r['floor_us']:.1f} | "
             f"{r['ours_graph_us']:.1f} | {_opt(r, 'ours_graph_tile_us')} | "
             f"{_opt(r, 'ours_graph_row_us')} | {_opt(r, 'ours_graph_reduce_us')} | "
             f"{r['ours_graph_nopdl_us']:.1f} | {r['ours_us']:.0f} | "
@@ -127,7 +140,8 @@ def plot_lora_op(result: dict, path: Path) -> None:
     mixes = ("distinct", "uniform", "skewed", "identical")
     fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
     for ax, mix in zip(axes, mixes, strict=True):
-        rows = sorted((r for r in result["rows"] if r["mix"] == mix and r["rank"] == 16),
+        rows = sorted((r for r in result["rows"]
+                       if r["mix"] == mix and r["rank"] == 16 and not r.get("rank_mix")),
                       key=lambda r: r["bs"])
         bs = [r["bs"] for r in rows]
         for key, label in (("ours_graph_us", "ours (CUDA graph)"), ("ours_us", "ours (eager)"),

@@ -79,7 +79,7 @@ class LLMEngine(AdapterOps):
         self.registry = AdapterRegistry(a, lc.max_lora_rank,
                                         lc.max_cpu_loras or max(4 * lc.max_loras, 32),
                                         lc.allow_pickle, self.dtype, lc.max_cpu_lora_bytes,
-                                        loader)
+                                        loader, pin=self.device.type == "cuda")
         self.slots = AdapterSlots(max(lc.max_loras, 1))
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
                                    self.slots, self.adapter_ready)

@@ -7,10 +7,10 @@ does): the peak of an eager step of the largest batch (max_num_batched_tokens ro
 min(max_num_seqs, rows) sequences, every row through the LoRA pool, then sampling with top-p,
 top-k, penalties and logprobs), plus the step graphs' private pool: the peak of the largest graph
 shape, run eagerly the same way, and the logits and static inputs every graph keeps
-(`cuda_graph.kept_bytes`). The caching allocator is capped at the same ceiling (`cap_process`),
-so its fragmentation cannot carry the process past it. The profile runs over a one-block KV cache
-that every sequence reads and writes (the kernels' memory does not depend on where the blocks
-are).
+(`cuda_graph.kept_bytes`), plus a fixed slack for the allocator's segments (SEGMENT_SLACK).
+The caching allocator is capped at the same ceiling (`cap_process`), so its fragmentation cannot
+carry the process past it. The profile runs over a one-block KV cache that every sequence reads
+and writes (the kernels' memory does not depend on where the blocks are).
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ STRANDED = 1.25
 """The step reserve over the profiled step's peak: free bytes left inside segments the caching
 allocator still uses, which no large tensor can take (at the process cap it frees only whole free
 segments). On the H200 a run's cached blocks came to 1.4x its step's peak without the cap."""
+
+SEGMENT_SLACK = 256 << 20
+"""Bytes kept free beside the measured reserves for the allocator's segment granularity: each
+pool (the default one, the step graphs' private one) holds whole segments, 2 MiB for small
+blocks and 20 MiB or more for large ones, so a small model whose step needs kilobytes still
+takes tens of MiB (on the H200, a pool sized to the last byte failed the first graph capture)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def plan_memory(runner: ModelRunner) -> MemoryPlan:
             keys = graph_keys(buckets, token_buckets, runner.decode_split is not None)
             graph_reserve += kept_bytes(keys, runner.arch.vocab_size, runner.max_blocks)
     budget = kv_budget(cc, runner.device)
-    kv = budget - step_peak - graph_reserve
+    slack = SEGMENT_SLACK if runner.device.type == "cuda" else 0
+    kv = budget - step_peak - graph_reserve - slack
     blocks = max(0, kv) // per_block
     if blocks < 1:
         raise CapacityError(

@@ -2,9 +2,11 @@
 to [r, out], both contiguous and, on a CUDA pool, in pinned memory, so that filling a slot is a
 set of asynchronous DMA copies queued before the step that reads it (the host does not wait).
 
-Life cycle of a staged module: made at its first load into any slot (the one host cost: pinning
-and transposing), reused by every later load of that module (modules shared by many adapters are
-staged once), dropped least recently used once the stage holds more than `max_bytes`. A dropped
+Modules read from files are in that form already (`staged.to_pool_form`, on a loader thread) and
+pass through untouched. Life cycle of a staged module (weights built in memory): made at its
+first load into any slot (the one host cost: pinning and transposing), reused by every later
+load of that module (modules shared by many adapters are staged once), dropped least recently
+used once the stage holds more than `max_bytes`. A dropped
 pinned buffer may still be read by a copy in flight: torch's pinned-memory allocator reuses a
 block only after the copies queued from it have finished, so dropping needs no wait here.
 """
@@ -33,6 +35,10 @@ class HostStage:
 
     def get(self, module: ModuleLora, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B^T [r, out]) of `module` in `dtype`, contiguous (pinned if `pin`)."""
+        a, bt = module.A, module.B.T
+        if all(t.dtype == dtype and t.is_contiguous() and (not self.pin or t.is_pinned())
+               for t in (a, bt)):
+            return a, bt  # in pool form already (read by a loader: `staged.to_pool_form`)
         key = id(module)
         entry = self._entries.get(key)
         if entry is not None and entry[1].dtype == dtype:

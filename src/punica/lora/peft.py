@@ -19,12 +19,13 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from punica.lora.files import FileStamp, fail, patterns, read_file
+from punica.lora.staged import Stacked, to_pool_form
 from punica.models.arch import ModelArch
 from punica.models.layout import LoraLayout
 from punica.models.registry import layout_of
@@ -52,7 +53,7 @@ FP32_MAX = float(torch.finfo(torch.float32).max)
 @dataclass(frozen=True)
 class ModuleLora:
     A: torch.Tensor  # [r, in]
-    B: torch.Tensor  # [out, r]
+    B: torch.Tensor  # [out, r]: read from files, a transposed view of the pool form's [r, out]
     scale: float
 
     @property
@@ -67,6 +68,9 @@ class AdapterWeights:
     modules: dict[tuple[int, str], ModuleLora]  # (layer, projection) -> weights, on the CPU
     stamps: tuple[FileStamp, ...] = ()
     """The files these weights were read from, as they were then (empty: built in memory)."""
+    stacked: dict[str, Stacked] = field(default_factory=dict)
+    """Projections targeted in every layer at one rank, stacked (`staged.to_pool_form`): the
+    modules of such a projection are views into its buffers."""
 
     @property
     def max_rank(self) -> int:
@@ -166,11 +170,13 @@ def read_adapter_files(path: Path, root: Path | None, allow_pickle: bool
 
 def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
                  allow_pickle: bool = False, root: str | Path | None = None,
-                 dtype: torch.dtype | None = None) -> AdapterWeights:
-    """Parse and validate a PEFT LoRA adapter for `arch`; weights stay on the CPU.
+                 dtype: torch.dtype | None = None, pin: bool = False) -> AdapterWeights:
+    """Parse and validate a PEFT LoRA adapter for `arch`; weights stay on the CPU, in the
+    form a pool slot takes (`staged.to_pool_form`).
 
     `root`: every file read must resolve below it. `dtype`: the pool's dtype, in which the
-    weights (and their scale) must stay finite."""
+    weights (and their scale) must stay finite and are kept. `pin`: in pinned memory (a pool
+    on CUDA)."""
     path = Path(path)
     root = Path(root).resolve() if root is not None else None
     cfg, tensors, stamps = read_adapter_files(path, root, allow_pickle)
@@ -194,7 +200,9 @@ def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
                                          dtype)
     if not modules:
         raise fail(path, "no LoRA weights found")
-    return AdapterWeights(name=name, path=str(path), modules=modules, stamps=stamps)
+    modules, stacked = to_pool_form(path, modules, arch, layout, dtype, pin)
+    return AdapterWeights(name=name, path=str(path), modules=modules, stamps=stamps,
+                          stacked=stacked)
 
 
 def _module(path: Path, cfg: dict, arch: ModelArch, layout: LoraLayout, max_rank: int,
@@ -234,11 +242,7 @@ def _module(path: Path, cfg: dict, arch: ModelArch, layout: LoraLayout, max_rank
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     if not math.isfinite(scale) or abs(scale) > FP32_MAX:
         raise fail(path, f"{where}: scale {scale!r} (lora_alpha / r) is not a finite float32")
-    check = dtype or A.dtype
-    if not torch.isfinite(A.to(check)).all() or not torch.isfinite(B.to(check)).all():
-        raise fail(path, f"{where}: non-finite weights (in {str(check).removeprefix('torch.')})")
-    # Kept in the file's dtype (the pool casts on its one copy): host memory stays small.
-    return ModuleLora(A=A.contiguous(), B=B.contiguous(), scale=float(scale))
+    return ModuleLora(A=A, B=B, scale=float(scale))  # checked finite in staged.to_pool_form
 
 
 __all__ = ["AdapterWeights", "ModuleLora", "load_adapter"]

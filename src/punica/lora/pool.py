@@ -1,12 +1,14 @@
-"""The adapter weight pool: per layer, one preallocated A and B tensor per LoRA group (the
-projections of one fused GEMM, as the model's family lays them out: `registry.layout_of(arch)`;
-for Llama q/k/v, o, gate/up, down), plus per-slot ranks and scales per projection, indexed by
-int32 slot.
+"""The adapter weight pool: one preallocated A and B tensor per LoRA group (the projections of
+one fused GEMM, as the model's family lays them out: `registry.layout_of(arch)`; for Llama
+q/k/v, o, gate/up, down) with the layers outermost, each layer's a contiguous view, plus per-slot
+ranks and scales per projection, indexed by int32 slot.
 
 Layout (the sliced add_lora of `ops/lora.py`): a group of S projections with per-projection max
 rank R has A [num_slots, S*R, in] (projection i in rows i*R..) and B [num_slots, R, sum(out)]
 (projection i in its output columns). Loading adapter weights into a slot is one copy per
-projection: A[slot, i*R : i*R + r] = lora_A, B[slot, :r, cols_i] = lora_B.T; a projection the
+projection of all layers when the loader stacked it (A_all[:, slot, i*R : i*R + r] = lora_A of
+every layer), else per module: A[slot, i*R : i*R + r] = lora_A, B[slot, :r, cols_i] = lora_B.T;
+a projection the
 adapter does not target gets rank 0 there (the kernels then skip it; rows past a rank are never
 read, so a slot's earlier contents need no clearing). Which adapter owns which slot is decided by
 the tensor-free AdapterSlots; this class only holds and fills tensors.
@@ -58,13 +60,17 @@ class LoraPool:
             self.slices[group] = tuple(widths) if len(projs) > 1 else ()
             self.first[group] = layout.index[projs[0]]
             shapes[group] = (len(projs), in_fs.pop(), start)
-        self.A: list[dict[str, torch.Tensor]] = []
-        self.B: list[dict[str, torch.Tensor]] = []
-        for _ in range(arch.num_layers):
-            self.A.append({g: torch.zeros(num_slots, n * max_rank, in_f, dtype=dtype,
-                                          device=device) for g, (n, in_f, _) in shapes.items()})
-            self.B.append({g: torch.zeros(num_slots, max_rank, out_f, dtype=dtype,
-                                          device=device) for g, (_, _, out_f) in shapes.items()})
+        L = arch.num_layers
+        # One tensor per group with the layers outermost: each layer's A / B is a contiguous
+        # view, and a slot's stacked projection is one strided region of all layers.
+        self.A_all = {g: torch.zeros(L, num_slots, n * max_rank, in_f, dtype=dtype, device=device)
+                      for g, (n, in_f, _) in shapes.items()}
+        self.B_all = {g: torch.zeros(L, num_slots, max_rank, out_f, dtype=dtype, device=device)
+                      for g, (_, _, out_f) in shapes.items()}
+        self.A: list[dict[str, torch.Tensor]] = [{g: t[layer] for g, t in self.A_all.items()}
+                                                 for layer in range(L)]
+        self.B: list[dict[str, torch.Tensor]] = [{g: t[layer] for g, t in self.B_all.items()}
+                                                 for layer in range(L)]
         shape = (arch.num_layers, len(layout.projections), num_slots)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=device)
         self.scales = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -82,22 +88,37 @@ class LoraPool:
 
     def load(self, slot: int, adapter: AdapterWeights) -> None:
         """Copy an adapter into `slot`. On a CUDA pool every copy is queued asynchronously
-        from pinned memory (the stage) on the current stream, ahead of the steps that read it;
-        the host does not wait for them."""
+        from pinned memory on the current stream, ahead of the steps that read it; the host
+        does not wait for them. A projection the loader stacked in pool form
+        (`AdapterWeights.stacked`) is two copies for all layers; any other module is staged
+        (`HostStage`) and copied on its own."""
         pin = self.stage.pin
         ranks = torch.zeros(self.ranks.shape[:2], dtype=torch.int32, pin_memory=pin)
         scales = torch.zeros(self.scales.shape[:2], dtype=torch.float32, pin_memory=pin)
         R = self.max_rank
-        for (layer, proj), m in adapter.modules.items():
+        stacked = {p: st for p, st in adapter.stacked.items() if self._takes(st.A, st.Bt)}
+        for proj, st in stacked.items():
             group, i, start, width = self.place[proj]
-            a, bt = self.stage.get(m, self.dtype)
-            self.A[layer][group][slot, i * R: i * R + m.rank].copy_(a, non_blocking=pin)
-            self.B[layer][group][slot, : m.rank, start:start + width].copy_(bt,
-                                                                          non_blocking=pin)
+            self.A_all[group][:, slot, i * R: i * R + st.rank].copy_(st.A, non_blocking=pin)
+            self.B_all[group][:, slot, : st.rank, start:start + width].copy_(st.Bt,
+                                                                             non_blocking=pin)
+        for (layer, proj), m in adapter.modules.items():
+            if proj not in stacked:
+                group, i, start, width = self.place[proj]
+                a, bt = self.stage.get(m, self.dtype)
+                self.A[layer][group][slot, i * R: i * R + m.rank].copy_(a, non_blocking=pin)
+                self.B[layer][group][slot, : m.rank, start:start + width].copy_(
+                    bt, non_blocking=pin)
             p = self.layout.index[proj]
             ranks[layer, p], scales[layer, p] = m.rank, m.scale
         self.ranks[:, :, slot].copy_(ranks, non_blocking=pin)
         self.scales[:, :, slot].copy_(scales, non_blocking=pin)
+
+    def _takes(self, *host: torch.Tensor) -> bool:
+        """Whether host tensors can be copied as they are: the pool's dtype, contiguous, and
+        pinned when the pool is on CUDA (a pageable source would make the copy synchronous)."""
+        return all(t.dtype == self.dtype and t.is_contiguous()
+                   and (not self.stage.pin or t.is_pinned()) for t in host)
 
     def args(self, layer: int, group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor, tuple[int, ...]]:

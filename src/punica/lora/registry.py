@@ -61,10 +61,11 @@ class AdapterRegistry:
     def __init__(self, arch: ModelArch, max_rank: int, max_cached: int,
                  allow_pickle: bool, dtype: torch.dtype | None = None,
                  max_cached_bytes: int | None = None,
-                 loader: AdapterLoader | None = None) -> None:
+                 loader: AdapterLoader | None = None, pin: bool = False) -> None:
         self.arch, self.max_rank, self.allow_pickle = arch, max_rank, allow_pickle
-        self.dtype = dtype
-        """The pool's dtype: weights must be finite in it."""
+        self.dtype, self.pin = dtype, pin
+        """The pool's dtype (weights must be finite in it and are kept in it), and whether
+        weights read are kept in pinned memory (a pool on CUDA)."""
         self.max_cached = max(1, max_cached)
         self.max_cached_bytes = max_cached_bytes
         """Host cache bound in bytes (None: adapters only); the newest entry always stays."""
@@ -97,7 +98,7 @@ class AdapterRegistry:
         """Parse and check an adapter folder for this registry (any thread: reads nothing of
         the registry's mutable state)."""
         return load_adapter(name, path, self.arch, self.max_rank, self.allow_pickle, root,
-                            self.dtype)
+                            self.dtype, self.pin)
 
     def add(self, name: str, path: str, root: str | None = None,
             parsed: AdapterWeights | None = None) -> AdapterWeights:
@@ -210,7 +211,7 @@ class AdapterRegistry:
         if src.stamps is not None:
             self._check_unchanged(name, src, stamps_of(Path(src.path)))
         weights = load_adapter(name, src.path, self.arch, self.max_rank, self.allow_pickle,
-                               src.root, self.dtype)
+                               src.root, self.dtype, self.pin)
         if src.stamps is not None:
             self._check_unchanged(name, src, weights.stamps)
         return weights

@@ -1,5 +1,6 @@
 """The FastAPI app: OpenAI completions and chat (plain and streamed), models, adapter loading,
-health and version. `model` names the served base model or a loaded adapter.
+the listing of the just-in-time root, health and version. `model` names the served base model or
+a loaded adapter.
 
 Every error answer has OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`), the
 framework's own (unknown route, wrong method, unparsable body) and unexpected ones (500, logged
@@ -22,6 +23,7 @@ from punica.engine.async_engine import AsyncEngine
 from punica.errors import AdapterLoadError, InvalidRequestError, PunicaError
 from punica.server import formatting as fmt
 from punica.server.limits import DISCONNECTED, RequestGate
+from punica.server.lora_listing import RootLister
 from punica.server.metrics import Metrics
 from punica.server.protocol import (
     ChatCompletionRequest,
@@ -123,6 +125,18 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
         data += [{"id": n, "object": "model", "owned_by": "punica", "root": n, "parent": base}
                  for n in names]
         return {"object": "list", "data": data}
+
+    lister = RootLister()
+
+    @app.get("/v1/lora_adapters")
+    async def lora_adapters() -> object:
+        """The adapter folders below --lora-root, by the names requests use (lora_listing)."""
+        root = srv.jit_root
+        if root is None:
+            return error_response("no adapter folder to list: start the server with "
+                                  "--lora-root DIR", 404)
+        loaded = set(await engine.call(lambda e: e.list_loras()))
+        return await lister.listing(root, loaded, settings.served_model_name)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoraRequest) -> dict:

@@ -61,11 +61,15 @@ class Server:
         """fn() on the tokenizer thread (the event loop keeps serving meanwhile)."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
+    @property
+    def jit_root(self) -> str | None:
+        """The folder of just-in-time adapters requests may name (None: none)."""
+        return getattr(self.engine.engine, "jit_root", None)
+
     def adapter_of(self, model: str) -> str | None:
         if model == self.settings.served_model_name:
             return None
-        engine = self.engine.engine  # the cluster's model has no just-in-time root (yet)
-        if model in engine.registry or jit_path(getattr(engine, "jit_root", None), model):
+        if model in self.engine.engine.registry or jit_path(self.jit_root, model):
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist.")
 
