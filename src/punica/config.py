@@ -64,10 +64,15 @@ class LoraConfig:
     lora_root: str | None = None
     """Just-in-time adapters: a request naming a folder below this root (nested names such as
     org/name allowed) loads it on first use, no load call needed."""
+    pinned_lora_bytes: int | None = None
+    """On CUDA: pinned host memory allocated at start for adapters read from files
+    (lora/pinned_arena.py); default max_cpu_lora_bytes, else 4 GiB. Unless max_cpu_lora_bytes
+    is set, the host cache is bounded by it too, so evictions recycle the arena."""
 
     def __post_init__(self) -> None:
         if self.max_loras < 0 or self.max_lora_rank < 1 or (
-                self.max_cpu_loras is not None and self.max_cpu_loras < 1):
+                self.max_cpu_loras is not None and self.max_cpu_loras < 1) or (
+                self.pinned_lora_bytes is not None and self.pinned_lora_bytes < 0):
             raise ValueError("max_loras >= 0, max_lora_rank >= 1 and max_cpu_loras >= 1 "
                              f"expected, got {self.max_loras}, {self.max_lora_rank}, "
                              f"{self.max_cpu_loras}")

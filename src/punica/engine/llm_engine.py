@@ -45,6 +45,7 @@ from punica.errors import (
     StepFailedError,
 )
 from punica.lora.loader import AdapterLoader
+from punica.lora.pinned_arena import pinned_arena_of
 from punica.lora.registry import AdapterRegistry, jit_path
 from punica.lora.slots import AdapterSlots
 from punica.models.llama import CausalLM
@@ -76,10 +77,15 @@ class LLMEngine(AdapterOps):
         engine thread with it)."""
         loader = (AdapterLoader(lc.loader_threads, self._adapter_read)
                   if lc.loader_threads > 0 and lc.max_loras > 0 else None)
+        self.arena = pinned_arena_of(lc.pinned_lora_bytes, lc.max_cpu_lora_bytes, self.device)
+        host_bytes = lc.max_cpu_lora_bytes
+        if host_bytes is None and self.arena is not None:
+            host_bytes = self.arena.ranges.capacity
         self.registry = AdapterRegistry(a, lc.max_lora_rank,
                                         lc.max_cpu_loras or max(4 * lc.max_loras, 32),
-                                        lc.allow_pickle, self.dtype, lc.max_cpu_lora_bytes,
-                                        loader, pin=self.device.type == "cuda")
+                                        lc.allow_pickle, self.dtype, host_bytes,
+                                        loader, pin=self.device.type == "cuda",
+                                        arena=self.arena)
         self.slots = AdapterSlots(max(lc.max_loras, 1))
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
                                    self.slots, self.adapter_ready)

@@ -36,9 +36,9 @@ class HostStage:
     def get(self, module: ModuleLora, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B^T [r, out]) of `module` in `dtype`, contiguous (pinned if `pin`)."""
         a, bt = module.A, module.B.T
-        if all(t.dtype == dtype and t.is_contiguous() and (not self.pin or t.is_pinned())
-               for t in (a, bt)):
-            return a, bt  # in pool form already (read by a loader: `staged.to_pool_form`)
+        if all(t.dtype == dtype and t.is_contiguous() for t in (a, bt)):
+            return a, bt  # in pool form already (read by a loader: `staged.to_pool_form`;
+            # pageable past the end of the pinned arena: not pinned here on the engine thread)
         key = id(module)
         entry = self._entries.get(key)
         if entry is not None and entry[1].dtype == dtype:

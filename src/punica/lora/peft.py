@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from punica.lora.files import FileStamp, fail, patterns, read_file
+from punica.lora.pinned_arena import ArenaBlocks, PinnedArena
 from punica.lora.staged import Stacked, to_pool_form
 from punica.models.arch import ModelArch
 from punica.models.layout import LoraLayout
@@ -71,6 +72,8 @@ class AdapterWeights:
     stacked: dict[str, Stacked] = field(default_factory=dict)
     """Projections targeted in every layer at one rank, stacked (`staged.to_pool_form`): the
     modules of such a projection are views into its buffers."""
+    blocks: ArenaBlocks | None = None
+    """The pinned arena blocks the tensors live in (released when the host copy is dropped)."""
 
     @property
     def max_rank(self) -> int:
@@ -170,13 +173,14 @@ def read_adapter_files(path: Path, root: Path | None, allow_pickle: bool
 
 def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
                  allow_pickle: bool = False, root: str | Path | None = None,
-                 dtype: torch.dtype | None = None, pin: bool = False) -> AdapterWeights:
+                 dtype: torch.dtype | None = None, pin: bool = False,
+                 arena: PinnedArena | None = None) -> AdapterWeights:
     """Parse and validate a PEFT LoRA adapter for `arch`; weights stay on the CPU, in the
     form a pool slot takes (`staged.to_pool_form`).
 
     `root`: every file read must resolve below it. `dtype`: the pool's dtype, in which the
     weights (and their scale) must stay finite and are kept. `pin`: in pinned memory (a pool
-    on CUDA)."""
+    on CUDA), from `arena` when given."""
     path = Path(path)
     root = Path(root).resolve() if root is not None else None
     cfg, tensors, stamps = read_adapter_files(path, root, allow_pickle)
@@ -200,9 +204,9 @@ def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
                                          dtype)
     if not modules:
         raise fail(path, "no LoRA weights found")
-    modules, stacked = to_pool_form(path, modules, arch, layout, dtype, pin)
+    modules, stacked, blocks = to_pool_form(path, modules, arch, layout, dtype, pin, arena)
     return AdapterWeights(name=name, path=str(path), modules=modules, stamps=stamps,
-                          stacked=stacked)
+                          stacked=stacked, blocks=blocks)
 
 
 def _module(path: Path, cfg: dict, arch: ModelArch, layout: LoraLayout, max_rank: int,

@@ -113,12 +113,14 @@ class LoraPool:
             ranks[layer, p], scales[layer, p] = m.rank, m.scale
         self.ranks[:, :, slot].copy_(ranks, non_blocking=pin)
         self.scales[:, :, slot].copy_(scales, non_blocking=pin)
+        if adapter.blocks is not None:
+            adapter.blocks.used()  # its arena blocks stay taken until these copies finish
 
     def _takes(self, *host: torch.Tensor) -> bool:
-        """Whether host tensors can be copied as they are: the pool's dtype, contiguous, and
-        pinned when the pool is on CUDA (a pageable source would make the copy synchronous)."""
-        return all(t.dtype == self.dtype and t.is_contiguous()
-                   and (not self.stage.pin or t.is_pinned()) for t in host)
+        """Whether host tensors can be copied as they are: the pool's dtype and contiguous
+        (pageable ones, past the end of the pinned arena, are copied synchronously rather than
+        pinned here on the engine thread)."""
+        return all(t.dtype == self.dtype and t.is_contiguous() for t in host)
 
     def args(self, layer: int, group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor, tuple[int, ...]]:

@@ -33,6 +33,7 @@ from punica.errors import AdapterLoadError, AdapterNotFoundError
 from punica.lora.files import FileStamp, stamps_of
 from punica.lora.loader import AdapterLoader
 from punica.lora.peft import AdapterWeights, load_adapter
+from punica.lora.pinned_arena import PinnedArena
 from punica.models.arch import ModelArch
 
 
@@ -61,11 +62,15 @@ class AdapterRegistry:
     def __init__(self, arch: ModelArch, max_rank: int, max_cached: int,
                  allow_pickle: bool, dtype: torch.dtype | None = None,
                  max_cached_bytes: int | None = None,
-                 loader: AdapterLoader | None = None, pin: bool = False) -> None:
+                 loader: AdapterLoader | None = None, pin: bool = False,
+                 arena: PinnedArena | None = None) -> None:
         self.arch, self.max_rank, self.allow_pickle = arch, max_rank, allow_pickle
         self.dtype, self.pin = dtype, pin
         """The pool's dtype (weights must be finite in it and are kept in it), and whether
         weights read are kept in pinned memory (a pool on CUDA)."""
+        self.arena = arena
+        """Where pinned weights are carved from (their blocks are given back when the host
+        copy is dropped: evicted, replaced, unloaded, or a stale read discarded)."""
         self.max_cached = max(1, max_cached)
         self.max_cached_bytes = max_cached_bytes
         """Host cache bound in bytes (None: adapters only); the newest entry always stays."""
@@ -98,7 +103,7 @@ class AdapterRegistry:
         """Parse and check an adapter folder for this registry (any thread: reads nothing of
         the registry's mutable state)."""
         return load_adapter(name, path, self.arch, self.max_rank, self.allow_pickle, root,
-                            self.dtype, self.pin)
+                            self.dtype, self.pin, self.arena)
 
     def add(self, name: str, path: str, root: str | None = None,
             parsed: AdapterWeights | None = None) -> AdapterWeights:
@@ -132,6 +137,7 @@ class AdapterRegistry:
         old = self._cache.pop(name, None)
         if old is not None:
             self._cached_bytes -= weights_bytes(old)
+            _drop(old)
         self._in_memory.pop(name, None)
         self._reading.pop(name, None)  # a read in flight is discarded when collected
 
@@ -163,6 +169,8 @@ class AdapterRegistry:
             name, serial = r.key
             src = self._reading.get(name)
             if src is None or src.serial != serial or self.sources.get(name) is not src:
+                if r.weights is not None:
+                    _drop(r.weights)
                 continue  # unloaded or replaced while it was read: not this registration's
             del self._reading[name]
             self.stats["load_seconds"] += r.seconds
@@ -211,9 +219,13 @@ class AdapterRegistry:
         if src.stamps is not None:
             self._check_unchanged(name, src, stamps_of(Path(src.path)))
         weights = load_adapter(name, src.path, self.arch, self.max_rank, self.allow_pickle,
-                               src.root, self.dtype, self.pin)
+                               src.root, self.dtype, self.pin, self.arena)
         if src.stamps is not None:
-            self._check_unchanged(name, src, weights.stamps)
+            try:
+                self._check_unchanged(name, src, weights.stamps)
+            except AdapterLoadError:
+                _drop(weights)
+                raise
         return weights
 
     @staticmethod
@@ -228,6 +240,8 @@ class AdapterRegistry:
         old = self._cache.pop(weights.name, None)
         if old is not None:
             self._cached_bytes -= weights_bytes(old)
+            if old is not weights:
+                _drop(old)
         self._cache[weights.name] = weights
         self._cached_bytes += weights_bytes(weights)
         protected = None
@@ -240,7 +254,9 @@ class AdapterRegistry:
             victim = next((n for n in self._cache if n not in protected), None)
             if victim is None:
                 return  # every entry is wanted by a queued request: over the bound for now
-            self._cached_bytes -= weights_bytes(self._cache.pop(victim))
+            evicted = self._cache.pop(victim)
+            self._cached_bytes -= weights_bytes(evicted)
+            _drop(evicted)
             self.stats["host_evictions"] += 1
 
     @property
@@ -249,6 +265,13 @@ class AdapterRegistry:
 
     def cached(self) -> list[str]:
         return list(self._cache)
+
+
+def _drop(weights: AdapterWeights) -> None:
+    """A host copy leaves the registry: its pinned blocks go back to the arena (once the
+    copies of its last slot fill have finished)."""
+    if weights.blocks is not None:
+        weights.blocks.release()
 
 
 def jit_path(root: str | None, name: str) -> Path | None:

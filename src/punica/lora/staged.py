@@ -3,21 +3,25 @@ thread), so that filling a slot on the engine thread is only queueing copies.
 
 Pool form: A [r, in] and B transposed to [r, out], contiguous, in the pool's dtype, and pinned
 when the pool is on CUDA (a pinned source makes each copy an asynchronous DMA the host does not
-wait for). A projection that an adapter targets in every layer at one rank (the usual PEFT
-adapter) is stacked: one A [L, r, in] and one B^T [L, r, out] buffer, each layer's module a view
-into them, so a slot fill copies it in two calls instead of 2 x L (`LoraPool.load`). The cast,
-transpose and pinning are one copy per tensor, and the finiteness check (in the pool's dtype) is
-one min/max pass over each buffer.
+wait for), carved from the engine's pinned arena (`pinned_arena.py`) when it has one. A
+projection that an adapter targets in every layer at one rank (the usual PEFT adapter) is
+stacked: one A [L, r, in] and one B^T [L, r, out] buffer, each layer's module a view into them,
+so a slot fill copies it in two calls instead of 2 x L (`LoraPool.load`). The cast, transpose
+and pinning are one copy per tensor, and the finiteness check (in the pool's dtype) is one
+min/max pass over each buffer.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from punica.lora.files import fail
+from punica.lora.pinned_arena import ArenaBlocks, PinnedArena
 from punica.models.arch import ModelArch
 from punica.models.layout import LoraLayout
 
@@ -45,10 +49,28 @@ def finite(t: torch.Tensor) -> bool:
 
 
 def to_pool_form(path: Path, modules: Modules, arch: ModelArch, layout: LoraLayout,
-                 dtype: torch.dtype | None, pin: bool) -> tuple[Modules, dict[str, Stacked]]:
-    """The modules in pool form (same keys, same order, same scales) and the stacked
-    projections they are views of. `dtype` None: each module's lora_A dtype. Raises
+                 dtype: torch.dtype | None, pin: bool, arena: PinnedArena | None = None
+                 ) -> tuple[Modules, dict[str, Stacked], ArenaBlocks | None]:
+    """The modules in pool form (same keys, same order, same scales), the stacked projections
+    they are views of, and with an `arena` the blocks they live in (`pin` then means: from the
+    arena, pageable past its end). `dtype` None: each module's lora_A dtype. Raises
     AdapterLoadError naming the layer whose weights are not finite in the target dtype."""
+    blocks = ArenaBlocks(arena) if arena is not None and pin else None
+    alloc = functools.partial(_alloc, pin=pin, blocks=blocks)
+    try:
+        out, stacked = _convert(path, modules, arch, layout, dtype, alloc)
+    except BaseException:
+        if blocks is not None:
+            blocks.release()
+        raise
+    return out, stacked, blocks
+
+
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def _convert(path: Path, modules: Modules, arch: ModelArch, layout: LoraLayout,
+             dtype: torch.dtype | None, alloc: Alloc) -> tuple[Modules, dict[str, Stacked]]:
     from punica.lora.peft import ModuleLora
 
     layers_of: dict[str, list[int]] = {}
@@ -61,15 +83,15 @@ def to_pool_form(path: Path, modules: Modules, arch: ModelArch, layout: LoraLayo
         target = dtype or mods[0].A.dtype
         uniform = len({m.rank for m in mods}) == 1 and len({m.A.dtype for m in mods}) == 1
         if uniform and sorted(layers) == list(range(arch.num_layers)):
-            st = _stack(path, proj, layers, mods, layout, target, pin)
+            st = _stack(path, proj, layers, mods, layout, target, alloc)
             stacked[proj] = st
             for layer, m in zip(layers, mods, strict=True):
                 out[(layer, proj)] = ModuleLora(A=st.A[layer], B=st.Bt[layer].T, scale=m.scale)
             continue
         for layer, m in zip(layers, mods, strict=True):
-            a = _pinned(m.A.shape, target, pin)
+            a = alloc(tuple(m.A.shape), target)
             a.copy_(m.A)
-            bt = _pinned((m.B.shape[1], m.B.shape[0]), target, pin)
+            bt = alloc((m.B.shape[1], m.B.shape[0]), target)
             bt.copy_(m.B.T)
             if not (finite(a) and finite(bt)):
                 raise _not_finite(path, layout, layer, proj, target)
@@ -78,10 +100,10 @@ def to_pool_form(path: Path, modules: Modules, arch: ModelArch, layout: LoraLayo
 
 
 def _stack(path: Path, proj: str, layers: list[int], mods: list, layout: LoraLayout,
-           dtype: torch.dtype, pin: bool) -> Stacked:
+           dtype: torch.dtype, alloc: Alloc) -> Stacked:
     r = mods[0].rank
-    A = _pinned((len(layers), r, mods[0].A.shape[1]), dtype, pin)
-    Bt = _pinned((len(layers), r, mods[0].B.shape[0]), dtype, pin)
+    A = alloc((len(layers), r, mods[0].A.shape[1]), dtype)
+    Bt = alloc((len(layers), r, mods[0].B.shape[0]), dtype)
     order = sorted(range(len(layers)), key=layers.__getitem__)  # stacked by layer
     torch.stack([mods[k].A.to(dtype) for k in order], out=A)
     torch.stack([mods[k].B.T.to(dtype) for k in order], out=Bt)
@@ -91,8 +113,11 @@ def _stack(path: Path, proj: str, layers: list[int], mods: list, layout: LoraLay
     return Stacked(A=A, Bt=Bt)
 
 
-def _pinned(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=dtype, pin_memory=pin)
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, pin: bool,
+           blocks: ArenaBlocks | None) -> torch.Tensor:
+    if blocks is not None:
+        return blocks.arena.tensor(shape, dtype, blocks)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 def _not_finite(path: Path, layout: LoraLayout, layer: int, proj: str,

@@ -39,7 +39,8 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
                         max_cpu_lora_bytes=getattr(ns, "max_cpu_lora_bytes", None),
                         loader_threads=getattr(ns, "lora_loader_threads",
                                                LoraConfig.loader_threads),
-                        lora_root=getattr(ns, "lora_root", None)),
+                        lora_root=getattr(ns, "lora_root", None),
+                        pinned_lora_bytes=getattr(ns, "pinned_lora_bytes", None)),
         scheduler=SchedulerConfig(ns.max_num_seqs, ns.max_num_batched_tokens,
                                   ns.async_scheduling))
 

@@ -71,6 +71,13 @@ class Metrics:
                                                lambda: reg.cached_bytes)
         gauges["punica_adapter_reads_in_flight"] = ("Adapters being read from disk",
                                                     lambda: len(reg.loading()))
+        arena = engine.arena
+        if arena is not None:
+            gauges["punica_adapter_pinned_bytes"] = ("Pinned arena bytes holding adapters",
+                                                     lambda: arena.ranges.used)
+            gauges["punica_adapter_pinned_fallbacks"] = (
+                "Adapter tensors read into pageable memory, the pinned arena full (cumulative)",
+                lambda: arena.fallbacks)
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
 

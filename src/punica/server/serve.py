@@ -65,6 +65,9 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-cpu-loras", type=int, help="adapters kept parsed in host memory")
     ap.add_argument("--max-cpu-lora-bytes", type=int,
                     help="host memory the parsed adapters may take (default: no byte bound)")
+    ap.add_argument("--pinned-lora-bytes", type=int,
+                    help="pinned host memory for adapters on CUDA, allocated at start (default "
+                         "--max-cpu-lora-bytes, else 4 GiB; then also the host cache's bound)")
     ap.add_argument("--lora-loader-threads", type=int, default=LoraConfig.loader_threads,
                     help="threads reading adapter files off the step thread (0: on it)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
