@@ -9,11 +9,14 @@ the engine's thread: ones that can backtrack for long are refused.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from punica.errors import AdapterLoadError
 
@@ -34,10 +37,12 @@ class FileStamp:
     mtime_ns: int
 
 
-def read_file(path: Path, name: str, root: Path | None) -> tuple[bytes, FileStamp] | None:
-    """The bytes of `path / name` and their stamp (None: no such file). The file must resolve
-    below `root` (when given; symlinks are followed, then checked) and be a regular file: a
-    link out of the root, a FIFO or a device is refused, never opened for reading."""
+def read_file(path: Path, name: str, root: Path | None, as_tensor: bool = False
+              ) -> tuple[bytes | torch.Tensor, FileStamp] | None:
+    """The bytes of `path / name` and their stamp (None: no such file); with `as_tensor`, in a
+    uint8 tensor (read with the GIL released: no Python object of the file's size is made).
+    The file must resolve below `root` (when given; symlinks are followed, then checked) and be
+    a regular file: a link out of the root, a FIFO or a device is refused, never opened."""
     target = path / name
     if not os.path.lexists(target):
         return None
@@ -57,13 +62,26 @@ def read_file(path: Path, name: str, root: Path | None) -> tuple[bytes, FileStam
             raise fail(path, f"{name} is not a regular file")
         if st.st_size > MAX_FILE_BYTES:
             raise fail(path, f"{name} is {st.st_size} bytes, more than {MAX_FILE_BYTES}")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read()
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            data = _read_tensor(f, st.st_size) if as_tensor else f.readall()
+        if len(data) != st.st_size:
+            raise fail(path, f"{name} changed size while it was read")
     except OSError as err:
         raise fail(path, f"{name} cannot be read ({err.strerror})") from err
     finally:
         os.close(fd)
     return data, FileStamp(name, st.st_size, st.st_mtime_ns)
+
+
+def _read_tensor(f: io.RawIOBase, size: int) -> torch.Tensor:
+    buf = torch.empty(size, dtype=torch.uint8)
+    view, got = memoryview(buf.numpy()), 0
+    while got < size:
+        n = f.readinto(view[got:])
+        if not n:
+            return buf[:got]
+        got += n
+    return buf
 
 
 def stamps_of(path: Path, names: tuple[str, ...] = ("adapter_config.json",

@@ -26,6 +26,11 @@ import torch
 
 from punica.lora.files import FileStamp, fail, patterns, read_file
 from punica.lora.pinned_arena import ArenaBlocks, PinnedArena
+from punica.lora.safetensors_buffer import (
+    SafetensorsFormatError,
+    as_buffer,
+    parse_safetensors,
+)
 from punica.lora.staged import Stacked, to_pool_form
 from punica.models.arch import ModelArch
 from punica.models.layout import LoraLayout
@@ -123,15 +128,13 @@ def parse_config(path: Path, data: bytes) -> dict:
     return cfg
 
 
-def parse_tensors(path: Path, name: str, data: bytes,
+def parse_tensors(path: Path, name: str, data: bytes | torch.Tensor,
                   allow_pickle: bool) -> dict[str, torch.Tensor]:
     if name == "adapter_model.safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
+        buf = data if isinstance(data, torch.Tensor) else as_buffer(data)
         try:
-            return load(data)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            return parse_safetensors(buf)
+        except SafetensorsFormatError as err:
             raise fail(path, f"adapter_model.safetensors is corrupt or truncated ({err})") from err
     if not allow_pickle:
         raise fail(path, "only adapter_model.bin (pickle) found; pickle files are refused "
@@ -165,7 +168,7 @@ def read_adapter_files(path: Path, root: Path | None, allow_pickle: bool
                 os.path.lexists(path / name):
             raise fail(path, "only adapter_model.bin (pickle) found; pickle files are refused "
                               "unless explicitly allowed (allow_pickle=True)")
-        found = read_file(path, name, root)
+        found = read_file(path, name, root, as_tensor=name.endswith(".safetensors"))
         if found is not None:
             return cfg, parse_tensors(path, name, found[0], allow_pickle), (config[1], found[1])
     raise fail(path, "no adapter_model.safetensors")
