@@ -73,9 +73,10 @@ class LoraConfig:
         if self.max_loras < 0 or self.max_lora_rank < 1 or (
                 self.max_cpu_loras is not None and self.max_cpu_loras < 1) or (
                 self.pinned_lora_bytes is not None and self.pinned_lora_bytes < 0):
-            raise ValueError("max_loras >= 0, max_lora_rank >= 1 and max_cpu_loras >= 1 "
-                             f"expected, got {self.max_loras}, {self.max_lora_rank}, "
-                             f"{self.max_cpu_loras}")
+            raise ValueError("max_loras >= 0, max_lora_rank >= 1, max_cpu_loras >= 1 and "
+                             f"pinned_lora_bytes >= 0 expected, got {self.max_loras}, "
+                             f"{self.max_lora_rank}, {self.max_cpu_loras}, "
+                             f"{self.pinned_lora_bytes}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ releases deferred until a fill's copies finish, and the registry giving blocks b
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,17 @@ def test_the_registry_gives_blocks_back_when_a_host_copy_is_dropped(tmp_path: Pa
     assert a.blocks.offsets == []
     reg.add("b", str(_folder(tmp_path, "b2", 3)))  # replaced: the old copy's blocks back
     assert b.blocks is not None and b.blocks.offsets == []
+    c = reg.add("c", str(_folder(tmp_path, "c", 5)))
+    assert reg.add("c", str(tmp_path / "c"), parsed=c) is c  # the cached copy itself, again
+    assert c.blocks is not None and c.blocks.offsets and arena.ranges.used == weights_bytes(c)
     reg.remove("b")
+    reg.remove("c")
     assert arena.ranges.used == 0
+    refused = reg.parse("d", str(_folder(tmp_path, "d", 6)))  # parsed, never registered
+    assert arena.ranges.used == weights_bytes(refused)
+    del refused
+    gc.collect()
+    assert arena.ranges.used == 0  # given back when the weights are collected
     with pytest.raises(AdapterLoadError, match="layer 1 o_proj: non-finite"):
         load_adapter("p", _folder(tmp_path, "p", 4, poison=True), ARCH, 8,
                      dtype=torch.float16, pin=True, arena=arena)

@@ -70,6 +70,8 @@ F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     ({"x": {**F32, "data_offsets": [8, 0]}}, bytes(8), "data_offsets"),
     ({"x": {**F32, "shape": [3]}}, bytes(8), "8 bytes for shape"),
     ({"x": [1, 2]}, bytes(8), "not an object"),
+    ({"x": {**F32, "dtype": []}}, bytes(8), "unsupported dtype"),
+    ({"x": {**F32, "shape": [0, 1 << 70]}}, bytes(8), "shape"),
 ])
 def test_malformed_headers_are_refused(header: dict, data: bytes, why: str) -> None:
     with pytest.raises(SafetensorsFormatError, match=why):
@@ -78,7 +80,8 @@ def test_malformed_headers_are_refused(header: dict, data: bytes, why: str) -> N
 
 def test_a_header_that_is_no_json_object_or_too_long_is_refused() -> None:
     for raw, why in ((b"[1, 2]", "not a JSON object"), (b"{oops", "not JSON"),
-                     (b"\xff\xfe", "not JSON")):
+                     (b"\xff\xfe", "not JSON"), (b"[" * 200_000, "not JSON"),
+                     (b'{"x": ' + b"9" * 5000 + b"}", "not JSON")):
         with pytest.raises(SafetensorsFormatError, match=why):
             parse_safetensors(_buf(struct.pack("<Q", len(raw)) + raw))
     with pytest.raises(SafetensorsFormatError, match="does not fit"):

@@ -75,10 +75,23 @@ def write_adapters(arch: object, root: Path, count: int, ranks: tuple[int, ...],
         if distinct is not None and k >= distinct:
             if not folder.exists():
                 folder.symlink_to(f"a{k % distinct}", target_is_directory=True)
-        elif not (folder / "adapter_model.safetensors").exists():
+        else:
             rank = rank_of(k, ranks) if len(ranks) > 1 else ranks[0]
-            save_peft(random_lora(f"a{k}", arch, rank, targets, dtype, k, device), arch, folder)
+            if not _kept(folder, rank, targets, arch):
+                save_peft(random_lora(f"a{k}", arch, rank, targets, dtype, k, device), arch,
+                          folder)
     return time.perf_counter() - start
+
+
+def _kept(folder: Path, rank: int, targets: tuple[str, ...], arch: object) -> bool:
+    """Whether a folder from an earlier run is this adapter (rank and targets as asked)."""
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    layout = layout_of(arch)
+    return (folder / "adapter_model.safetensors").exists() and cfg.get("r") == rank and \
+        sorted(cfg.get("target_modules", [])) == sorted(layout.leaf(p) for p in targets)
 
 
 Lengths = list[tuple[int, int]]

@@ -105,7 +105,8 @@ def plan_memory(runner: ModelRunner) -> MemoryPlan:
         raise CapacityError(
             f"no memory left for the KV cache: {budget / 2**30:.2f} GiB left under "
             f"gpu_memory_utilization, a step of the largest batch needs "
-            f"{step_peak / 2**30:.2f} GiB and the step graphs {graph_reserve / 2**30:.2f} GiB "
+            f"{step_peak / 2**30:.2f} GiB, the step graphs {graph_reserve / 2**30:.2f} GiB and "
+            f"the allocator's slack {slack / 2**30:.2f} GiB "
             f"({per_block} bytes per block): raise gpu_memory_utilization, lower "
             "max_num_batched_tokens or max_num_seqs, free other users of the GPU, or set "
             "num_kv_blocks")

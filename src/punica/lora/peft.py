@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,8 +209,11 @@ def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
     if not modules:
         raise fail(path, "no LoRA weights found")
     modules, stacked, blocks = to_pool_form(path, modules, arch, layout, dtype, pin, arena)
-    return AdapterWeights(name=name, path=str(path), modules=modules, stamps=stamps,
-                          stacked=stacked, blocks=blocks)
+    weights = AdapterWeights(name=name, path=str(path), modules=modules, stamps=stamps,
+                             stacked=stacked, blocks=blocks)
+    if blocks is not None:  # weights no registry took (a refused or cancelled load) give back
+        weakref.finalize(weights, blocks.release)  # their blocks too (a no-op after _drop)
+    return weights
 
 
 def _module(path: Path, cfg: dict, arch: ModelArch, layout: LoraLayout, max_rank: int,

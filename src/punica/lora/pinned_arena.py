@@ -123,12 +123,12 @@ class ArenaBlocks:
     offsets: list[int] = field(default_factory=list)
     last_fill: torch.cuda.Event | None = None
 
-    def used(self) -> None:
+    def used(self, device: torch.device) -> None:
         """Record (engine thread, after queueing a fill's copies) that a fill reads these
-        blocks until the current stream passes this point."""
-        if self.offsets and torch.cuda.is_available():
+        blocks until `device`'s current stream passes this point."""
+        if self.offsets and device.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(device))
             self.last_fill = event
 
     def release(self) -> None:

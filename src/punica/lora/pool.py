@@ -92,6 +92,13 @@ class LoraPool:
         does not wait for them. A projection the loader stacked in pool form
         (`AdapterWeights.stacked`) is two copies for all layers; any other module is staged
         (`HostStage`) and copied on its own."""
+        try:
+            self._copy(slot, adapter)
+        finally:  # its arena blocks stay taken until the copies queued so far finish
+            if adapter.blocks is not None:
+                adapter.blocks.used(self.ranks.device)
+
+    def _copy(self, slot: int, adapter: AdapterWeights) -> None:
         pin = self.stage.pin
         ranks = torch.zeros(self.ranks.shape[:2], dtype=torch.int32, pin_memory=pin)
         scales = torch.zeros(self.scales.shape[:2], dtype=torch.float32, pin_memory=pin)
@@ -113,8 +120,6 @@ class LoraPool:
             ranks[layer, p], scales[layer, p] = m.rank, m.scale
         self.ranks[:, :, slot].copy_(ranks, non_blocking=pin)
         self.scales[:, :, slot].copy_(scales, non_blocking=pin)
-        if adapter.blocks is not None:
-            adapter.blocks.used()  # its arena blocks stay taken until these copies finish
 
     def _takes(self, *host: torch.Tensor) -> bool:
         """Whether host tensors can be copied as they are: the pool's dtype and contiguous

@@ -110,7 +110,7 @@ class AdapterRegistry:
         """Register the folder at `path`, parsing it now unless `parsed` (from `parse`, on
         another thread) holds its weights already."""
         weights = parsed if parsed is not None else self.parse(name, path, root)
-        self._forget(name)
+        self._forget(name, keep=weights)
         self.sources[name] = Source(str(path), root, weights.stamps, next(self._serials))
         self._remember(weights)
         return weights
@@ -133,11 +133,12 @@ class AdapterRegistry:
         del self.sources[name]
         self._forget(name)
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, keep: AdapterWeights | None = None) -> None:
         old = self._cache.pop(name, None)
         if old is not None:
             self._cached_bytes -= weights_bytes(old)
-            _drop(old)
+            if old is not keep:
+                _drop(old)
         self._in_memory.pop(name, None)
         self._reading.pop(name, None)  # a read in flight is discarded when collected
 
