@@ -88,6 +88,10 @@ def test_first_use_loads_a_folder_below_the_root(jit_server: tuple[Running, str]
     reads = re.search(r"^punica_adapter_disk_loads ([0-9.]+)$", metrics, re.M)
     failures = re.search(r"^punica_adapter_load_failures ([0-9.]+)$", metrics, re.M)
     assert reads and float(reads[1]) >= 1 and failures and float(failures[1]) >= 1, metrics
+    for tier in ("disk", "host"):  # each read and each slot fill is in the load histogram
+        count = re.search(rf'^punica_adapter_load_seconds_count{{tier="{tier}"}} ([0-9.]+)$',
+                          metrics, re.M)
+        assert count and float(count[1]) >= 1, metrics
     listed = models(serve_server.url)
     assert "team/jit" in listed and "team/broken" not in listed
     # the offline API: the same folder by name, the same tokens

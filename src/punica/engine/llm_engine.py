@@ -89,6 +89,11 @@ class LLMEngine(AdapterOps):
         self.slots = AdapterSlots(max(lc.max_loras, 1))
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
                                    self.slots, self.adapter_ready)
+        self.on_adapter_load: Callable[[str, float], None] | None = None
+        """Called on the engine thread for each adapter load, by tier: ("disk", seconds a read
+        into host memory took) and ("host", seconds the engine thread took to queue a slot
+        fill's copies)."""
+        self.registry.on_read = lambda seconds: self._adapter_loaded("disk", seconds)
         self.registry.protected = lambda: {s.adapter for s in self.scheduler.waiting
                                            if s.adapter is not None}
         self.stops = StopChecker(self.tokenizer, a.eos_token_ids, self.max_model_len)
@@ -299,7 +304,10 @@ class LLMEngine(AdapterOps):
         failed = False
         for slot, name in out.loads:
             try:
-                self.runner.load_adapter(slot, self.registry.get(name))
+                weights = self.registry.get(name)
+                start = time.perf_counter()
+                self.runner.load_adapter(slot, weights)
+                self._adapter_loaded("host", time.perf_counter() - start)
             except Exception as err:  # noqa: BLE001 - charged to the adapter
                 if not isinstance(err, PunicaError):
                     log.error("filling slot %d with adapter %r failed", slot, name,
@@ -315,6 +323,10 @@ class LLMEngine(AdapterOps):
             out.scheduled = [s for s in out.scheduled if not s.seq.is_finished]
         if self.slots.num_unfilled:  # the invariant: no row reads an unfilled slot
             raise RuntimeError(f"{self.slots.num_unfilled} adapter slot(s) left unfilled")
+
+    def _adapter_loaded(self, tier: str, seconds: float) -> None:
+        if self.on_adapter_load is not None:
+            self.on_adapter_load(tier, seconds)
 
     def _settle(self, f: InFlight) -> set[str]:
         """Wait for a launched step's tokens; append them (in place of placeholders), run the

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -86,6 +87,8 @@ class AdapterRegistry:
         """Adapters whose host copy must not be evicted (the engine: those of queued requests,
         so that a prefetch never evicts what an admissible request needs); the cache exceeds
         its bounds rather than drop them."""
+        self.on_read: Callable[[float], None] | None = None
+        """Called (engine thread) with the seconds of each successful read from disk."""
         self.stats: Counter[str] = Counter()
         """host_hits, host_misses, disk_loads, load_failures, host_evictions; load_seconds."""
 
@@ -175,6 +178,8 @@ class AdapterRegistry:
                 continue  # unloaded or replaced while it was read: not this registration's
             del self._reading[name]
             self.stats["load_seconds"] += r.seconds
+            if r.error is None and self.on_read is not None:
+                self.on_read(r.seconds)
             if r.error is not None:
                 self.stats["load_failures"] += 1
                 if src.stamps is None:
@@ -201,6 +206,7 @@ class AdapterRegistry:
             self.stats["host_hits"] += 1
             return self._cache[name]
         src = self.sources[name]
+        start = time.perf_counter()
         try:
             weights = self._read(name, src)
         except Exception:
@@ -209,6 +215,9 @@ class AdapterRegistry:
                 del self.sources[name]
             raise
         self.stats["disk_loads"] += 1
+        self.stats["load_seconds"] += time.perf_counter() - start
+        if self.on_read is not None:
+            self.on_read(time.perf_counter() - start)
         if src.stamps is None:
             self.sources[name] = replace(src, stamps=weights.stamps)
         self._remember(weights)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from punica.engine.llm_engine import LLMEngine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 OTHER = "other"
@@ -34,6 +35,11 @@ class Metrics:
         self.tpot = Histogram("punica_time_per_output_token_seconds",
                               "Time per output token after the first", ["adapter"],
                               buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load = Histogram(
+            "punica_adapter_load_seconds", "Adapter loads by the tier they come from: disk (a "
+            "read into host memory, on a loader thread) and host (queueing a GPU slot fill on "
+            "the engine thread)", ["tier"], buckets=LOAD_BUCKETS, registry=r)
+        engine.on_adapter_load = lambda tier, s: self.adapter_load.labels(tier).observe(s)
         sched = engine.scheduler
         gauges = {
             "punica_requests_waiting": ("Sequences waiting", lambda: len(sched.waiting)),
@@ -55,14 +61,14 @@ class Metrics:
             "punica_step_failures": ("Engine steps that raised (cumulative)",
                                      lambda: engine.stats.get("step_failures", 0)),
         }
-        reg = engine.registry  # the host tier: parsed adapters in host memory
+        reg = engine.registry  # the host tier: parsed adapters in host memory (the seconds
+        # of its reads: punica_adapter_load_seconds{tier="disk"}, a histogram)
         for key, doc in (("host_hits", "Adapter slot fills served from host memory"),
                          ("host_misses", "Adapters read from disk because host memory lacked "
                           "them"),
                          ("disk_loads", "Adapter reads from disk that succeeded"),
                          ("load_failures", "Adapter reads from disk that failed"),
-                         ("host_evictions", "Adapters evicted from host memory"),
-                         ("load_seconds", "Seconds spent reading adapters (loader threads)")):
+                         ("host_evictions", "Adapters evicted from host memory")):
             gauges[f"punica_adapter_{key}"] = (f"{doc} (cumulative)",
                                                lambda key=key: reg.stats[key])
         gauges["punica_adapter_host_resident"] = ("Adapters parsed in host memory",
