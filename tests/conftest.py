@@ -14,6 +14,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One intra-op thread per test process: the suite runs one process per core (xdist), and
+    # torch's thread pools on top of that oversubscribe the cores (small ops then wait on spinning
+    # pool threads; a churn test's probe took 19-46 s instead of 2 s beside another run).
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
