@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from punica.bench.adapter_latency import pct
+from punica.bench.serve import percentiles
 from punica.cli import main
 
 
-def test_pct() -> None:
-    assert pct([3.0, 1.0, 2.0], 0.5) == 2.0
-    assert pct([0.0, 10.0], 0.9) == pytest.approx(9.0)
-    assert pct([5.0], 0.99) == 5.0
+def test_percentiles_interpolate_as_the_bench_reports_them() -> None:
+    assert percentiles([3.0, 1.0, 2.0])["p50"] == 2.0
+    assert percentiles([0.0, 10.0])["p90"] == pytest.approx(9.0)
+    assert percentiles([5.0])["p99"] == 5.0
 
 
 def test_adapter_latency_bench_smoke(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ import argparse
 import gc
 import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from punica.bench.adapters import random_lora
 from punica.bench.io_floors import drop_cached, h2d_GBps, read_GBps, resident_fraction
+from punica.bench.serve import percentiles
 from punica.bench.timing import run_info
 from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
 from punica.engine.llm_engine import LLMEngine
@@ -37,21 +36,12 @@ from punica.engine.scheduler import SchedulerConfig
 from punica.lora.peft_writer import save_peft
 from punica.lora.registry import jit_path
 from punica.models.arch import ModelArch
-from punica.models.random import llama2_7b, random_model, tiny
+from punica.models.random import llama2_7b, random_adapter, random_model, tiny
 from punica.models.registry import layout_of
 
 TARGET_EXTRA_MS = {"host": 10.0, "host_unstaged": 10.0, "disk": 50.0}
 TARGET_RATIO = 1.2
 POLL_S = 0.0002
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-quantile (0..1) of xs, linearly interpolated (numpy's default)."""
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def adapter_nbytes(arch: ModelArch, rank: int, dtype: torch.dtype) -> int:
@@ -69,8 +59,7 @@ def write_adapters(arch: ModelArch, root: Path, names: list[str], rank: int,
                                          unit="adapter", mininterval=5)):
         st = root / name / "adapter_model.safetensors"
         if not (st.exists() and nbytes <= st.stat().st_size <= nbytes + (1 << 20)):
-            save_peft(random_lora(name, arch, rank, layout_of(arch).projections, dtype, k, device),
-                      arch, root / name)
+            save_peft(random_adapter(name, arch, rank, dtype, k, device=device), arch, root / name)
     return time.perf_counter() - start
 
 
@@ -172,15 +161,16 @@ def stream_run(engine: LLMEngine, warm: list[tuple[list[int], str]],
     gaps = [(b - a) * 1e3 for k in range(len(warm)) for a, b in
             zip(times[f"w{k}"], times[f"w{k}"][1:], strict=False)]
     warm_end = max(times[f"w{k}"][-1] for k in range(len(warm))) - start
+    gap_q = percentiles(gaps)
     row: dict[str, object] = {
         "wall_s": wall, "warm_s": warm_end, "warm_tokens": sum(len(times[f"w{k}"])
                                                                for k in range(len(warm))),
-        "gaps": len(gaps), "p50_gap_ms": pct(gaps, 0.5), "p99_gap_ms": pct(gaps, 0.99),
+        "gaps": len(gaps), "p50_gap_ms": gap_q["p50"], "p99_gap_ms": gap_q["p99"],
         "max_gap_ms": max(gaps), "extra_requests": len(extra)}
     if extra:
         ttfts = [(times[r][0] - added[r]) * 1e3 for r in added]
-        row.update(extra_ttft_ms=ttfts, extra_ttft_median_ms=pct(ttfts, 0.5),
-                   extra_ttft_p99_ms=pct(ttfts, 0.99))
+        row.update(extra_ttft_ms=ttfts, extra_ttft_median_ms=percentiles(ttfts)["p50"],
+                   extra_ttft_p99_ms=percentiles(ttfts)["p99"])
     return row
 
 
@@ -188,9 +178,10 @@ def state_rows(ttfts: dict[str, list[float]], floors: dict[str, float | None]) -
     """Median and p90 per state; beyond warm, the extra median against warm, target, floor."""
     rows: dict[str, dict[str, object]] = {}
     for state, v in ttfts.items():
-        row: dict[str, object] = {"ttft_ms": v, "median_ms": pct(v, 0.5), "p90_ms": pct(v, 0.9)}
+        row: dict[str, object] = {"ttft_ms": v, "median_ms": percentiles(v)["p50"],
+                                  "p90_ms": percentiles(v)["p90"]}
         if state != "warm":
-            extra = pct(v, 0.5) - pct(ttfts["warm"], 0.5)
+            extra = percentiles(v)["p50"] - percentiles(ttfts["warm"])["p50"]
             row.update(extra_ms=extra, target_ms=TARGET_EXTRA_MS[state],
                        floor_ms=floors[state.removesuffix("_unstaged")],
                        meets=extra <= TARGET_EXTRA_MS[state])

@@ -30,9 +30,8 @@ from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
 from punica.engine.llm_engine import LLMEngine
 from punica.engine.sampling_params import SamplingParams
 from punica.engine.scheduler import SchedulerConfig
-from punica.lora.peft import AdapterWeights, ModuleLora
 from punica.lora.peft_writer import save_peft
-from punica.models.random import llama2_7b, random_model, tiny
+from punica.models.random import llama2_7b, random_adapter, random_model, tiny
 from punica.models.registry import layout_of
 
 SETTINGS = {"s1": None, "s2": (8, 16, 32, 64)}
@@ -43,22 +42,6 @@ SETTINGS = {"s1": None, "s2": (8, 16, 32, 64)}
 def rank_of(k: int, ranks: tuple[int, ...]) -> int:
     """Adapter k's rank: drawn (deterministically) from `ranks`."""
     return ranks[random.Random(k).randrange(len(ranks))]
-
-
-def random_lora(name: str, arch: object, rank: int, targets: tuple[str, ...],
-                dtype: torch.dtype, seed: int, device: torch.device) -> AdapterWeights:
-    """random_adapter's distribution, drawn on `device` (fast on a GPU) and kept on the CPU."""
-    layout = layout_of(arch)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    modules = {}
-    for layer in range(arch.num_layers):
-        for proj in targets:
-            in_f, out_f = layout.shape(arch, proj)
-            A = torch.randn(rank, in_f, generator=gen, device=device) * in_f**-0.5
-            B = torch.randn(out_f, rank, generator=gen, device=device) * 0.01
-            modules[(layer, proj)] = ModuleLora(A=A.to(dtype).cpu(), B=B.to(dtype).cpu(),
-                                                scale=2.0)
-    return AdapterWeights(name=name, path="", modules=modules)
 
 
 def write_adapters(arch: object, root: Path, count: int, ranks: tuple[int, ...],
@@ -78,8 +61,8 @@ def write_adapters(arch: object, root: Path, count: int, ranks: tuple[int, ...],
         else:
             rank = rank_of(k, ranks) if len(ranks) > 1 else ranks[0]
             if not _kept(folder, rank, targets, arch):
-                save_peft(random_lora(f"a{k}", arch, rank, targets, dtype, k, device), arch,
-                          folder)
+                save_peft(random_adapter(f"a{k}", arch, rank, dtype, k, targets, device=device),
+                          arch, folder)
     return time.perf_counter() - start
 
 

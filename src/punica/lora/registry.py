@@ -214,10 +214,11 @@ class AdapterRegistry:
             if src.stamps is None:  # never validated: not kept (a fixed folder is read afresh)
                 del self.sources[name]
             raise
+        seconds = time.perf_counter() - start
         self.stats["disk_loads"] += 1
-        self.stats["load_seconds"] += time.perf_counter() - start
+        self.stats["load_seconds"] += seconds
         if self.on_read is not None:
-            self.on_read(time.perf_counter() - start)
+            self.on_read(seconds)
         if src.stamps is None:
             self.sources[name] = replace(src, stamps=weights.stamps)
         self._remember(weights)

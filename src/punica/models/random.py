@@ -47,19 +47,23 @@ def random_model(arch: ModelArch, dtype: torch.dtype, device: torch.device,
 
 def random_adapter(name: str, arch: ModelArch, rank: int, dtype: torch.dtype = torch.float16,
                    seed: int = 0, projections: tuple[str, ...] | None = None,
-                   shared: AdapterWeights | None = None) -> AdapterWeights:
+                   shared: AdapterWeights | None = None,
+                   device: torch.device | None = None) -> AdapterWeights:
     """Rank-`rank` LoRA on `projections` (default: all of the family's, `layout_of(arch)`) of
-    every layer; `shared` reuses another's tensors under a new name (distinct slots, same bytes:
-    host memory stays small for many adapters)."""
+    every layer, kept on the CPU; `shared` reuses another's tensors under a new name (distinct
+    slots, same bytes: host memory stays small for many adapters); `device`: where the numbers
+    are drawn (a GPU draws thousands of adapters fast; its stream differs from the CPU's)."""
     if shared is not None:
         return AdapterWeights(name=name, path="", modules=shared.modules)
     layout = layout_of(arch)
-    gen = torch.Generator().manual_seed(seed)
+    device = device or torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     modules = {}
     for layer in range(arch.num_layers):
         for proj in layout.projections if projections is None else projections:
             in_f, out_f = layout.shape(arch, proj)
-            A = (torch.randn(rank, in_f, generator=gen) * in_f**-0.5).to(dtype)
-            B = (torch.randn(out_f, rank, generator=gen) * 0.01).to(dtype)
-            modules[(layer, proj)] = ModuleLora(A=A, B=B, scale=2.0)
+            A = torch.randn(rank, in_f, generator=gen, device=device) * in_f**-0.5
+            B = torch.randn(out_f, rank, generator=gen, device=device) * 0.01
+            modules[(layer, proj)] = ModuleLora(A=A.to(dtype).cpu(), B=B.to(dtype).cpu(),
+                                                scale=2.0)
     return AdapterWeights(name=name, path="", modules=modules)
