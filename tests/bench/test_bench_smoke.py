@@ -142,3 +142,19 @@ def test_adapters_bench_smoke(tmp_path: Path) -> None:
     assert [(root / "s2" / f"a{k}").is_symlink() for k in range(7)] == [False] * 3 + [True] * 4
     assert (root / "s2" / "a5").resolve() == (root / "s2" / "a2").resolve()
     assert (tmp_path / "adapters.png").stat().st_size > 0
+    # two runs of one setting each (two device calls) merge into the same table
+    for s in ("s1", "s2"):
+        one = {**result, "settings": {s: result["settings"][s]},
+               "write_s": {s: result["write_s"][s]},
+               "rows": [r for r in rows if r["setting"] == s]}
+        (tmp_path / f"{s}.json").write_text(json.dumps(one))
+    merged_dir = tmp_path / "merged"
+    assert main(["bench", "adapters", "--merge", str(tmp_path / "s1.json"),
+                 str(tmp_path / "s2.json"), "--out-dir", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "adapters.json").read_text())
+    assert merged["rows"] == rows and merged["settings"] == result["settings"]
+    assert len(merged["runs"]) == 2 and (merged_dir / "adapters.png").stat().st_size > 0
+    (tmp_path / "s2.json").write_text(json.dumps({**one, "rate": 1.0}))
+    with pytest.raises(SystemExit, match="rate differ"):
+        main(["bench", "adapters", "--merge", str(tmp_path / "s1.json"),
+              str(tmp_path / "s2.json"), "--out-dir", str(merged_dir)])

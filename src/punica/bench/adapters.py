@@ -19,6 +19,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,11 +130,13 @@ def replay(engine: LLMEngine, arrivals: list[float], lengths: Lengths,
 
 
 def run_setting(model: object, arch: object, args: argparse.Namespace, setting: str,
-                root: Path, arrivals: list[float], lengths: Lengths) -> list[dict[str, object]]:
-    """One setting's rows: the trace against each adapter count, the first the baseline."""
+                root: Path, arrivals: list[float], lengths: Lengths,
+                rows: list[dict[str, object]], save: Callable[[], None]) -> None:
+    """One setting's rows, appended to `rows` (and saved) as each finishes: the trace against
+    each adapter count, the first the baseline."""
     device = torch.device(args.device)
     ranks = SETTINGS[setting] or (args.rank,)
-    rows = []
+    first = len(rows)
     for count in [int(c) for c in args.counts.split(",")]:
         rng = random.Random(args.seed + count)
         names = [f"{setting}/a{rng.randrange(count)}" for _ in arrivals]
@@ -144,16 +147,16 @@ def run_setting(model: object, arch: object, args: argparse.Namespace, setting: 
                        max_cpu_loras=args.max_cpu_loras, lora_root=str(root)),
             SchedulerConfig(max_num_seqs=args.max_num_seqs)), model=model)
         engine.warmup()
-        rows.append({"setting": setting, "adapters": count, "distinct_used": len(set(names)),
-                     **replay(engine, arrivals, lengths, names, arch.vocab_size,
-                              f"{setting}: {count} adapters")})
+        row = {"setting": setting, "adapters": count, "distinct_used": len(set(names)),
+               **replay(engine, arrivals, lengths, names, arch.vocab_size,
+                        f"{setting}: {count} adapters")}
+        row["vs_baseline"] = row["tok_s"] / rows[first]["tok_s"] if len(rows) > first else 1.0
+        rows.append(row)
+        save()
         del engine
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:
-        row["vs_baseline"] = row["tok_s"] / rows[0]["tok_s"]
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", help="adapter folders (default: OUT_DIR/adapter_root)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no run: join these results (one setting each, e.g. from two device "
+                         "calls) into OUT_DIR/adapters.json and its plot")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge([Path(p) for p in args.merge], Path(args.out_dir))
     device = torch.device(args.device)
     arch = llama2_7b() if args.arch == "llama2-7b" else tiny()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -193,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                for s in settings}
     model = random_model(arch, dtype, device)
     arrivals, lengths = trace(args.num_requests, args.rate, args.maxlen, args.seed)
-    rows = [r for s in settings
-            for r in run_setting(model, arch, args, s, root, arrivals, lengths)]
+    rows: list[dict[str, object]] = []
     result = {**run_info("punica bench adapters " + " ".join(argv or sys.argv[1:])),
               "arch": args.arch, "rank": args.rank, "targets": args.targets,
               "settings": {s: list(SETTINGS[s] or (args.rank,)) for s in settings},
@@ -202,12 +209,35 @@ def main(argv: list[str] | None = None) -> int:
               "num_requests": args.num_requests, "write_s": write_s,
               "baseline": "the setting's first count", "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapters.json").write_text(json.dumps(result, indent=1))
+
+    def save() -> None:  # after every row: a run cut short still leaves what it measured
+        (out / "adapters.json").write_text(json.dumps(result, indent=1))
+
+    for s in settings:
+        run_setting(model, arch, args, s, root, arrivals, lengths, rows, save)
     plot(result, out / "adapters.png")
     for r in rows:
         print(f"{r['setting']} {r['adapters']:>5} adapters: {r['tok_s']:9.1f} tok/s (offered "
               f"{r['offered_tok_s']:.1f}), {r['vs_baseline']:.3f}x the baseline, "
               f"{r['disk_reads']} reads ({r['read_seconds']:.1f} s on loader threads)")
+    return 0
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """Join results of separate runs (each its own settings, same trace) into one file."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    result = dict(parts[0])
+    for key in ("arch", "rank", "targets", "rate", "num_requests"):
+        differ = {json.dumps(p[key]) for p in parts}
+        if len(differ) > 1:
+            raise SystemExit(f"cannot merge runs whose {key} differ: {sorted(differ)}")
+    result["settings"] = {k: v for p in parts for k, v in p["settings"].items()}
+    result["write_s"] = {k: v for p in parts for k, v in p["write_s"].items()}
+    result["rows"] = [r for p in parts for r in p["rows"]]
+    result["runs"] = [{k: p.get(k) for k in ("commit", "command", "device")} for p in parts]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapters.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "adapters.png")
     return 0
 
 
