@@ -42,3 +42,29 @@ def test_read_file_below_the_root_regular_only(tmp_path: Path) -> None:
     with pytest.raises(AdapterLoadError, match="not a regular file"):
         read_file(root / "a", "fifo.json", root.resolve())
     assert read_file(root / "a", "link.json", None)[0] == b"{}"  # no root: operator's paths
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 4097, 9000, 65_537])
+def test_chunked_reads_return_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       size: int) -> None:
+    """Files past two chunks are read in parallel chunks (tiny chunks here): the bytes are the
+    file's, into a fresh tensor or a thread's scratch buffer, and a chunk that comes back short
+    (the file shrank) is a size change, never a buffer with stale bytes in it."""
+    import torch
+
+    from punica.lora import files
+    from punica.lora.read_buffer import scratch
+
+    monkeypatch.setattr(files, "READ_CHUNK", 2048)
+    data = os.urandom(size)
+    (tmp_path / "w.bin").write_bytes(data)
+    for into in (None, scratch):
+        got, stamp = read_file(tmp_path, "w.bin", tmp_path.parent, as_tensor=True, into=into)
+        assert isinstance(got, torch.Tensor) and bytes(got.numpy()) == data
+        assert stamp.size == size
+    if size > 2 * 2048:
+        real = files._pread
+        monkeypatch.setattr(files, "_pread", lambda fd, view, offset: real(
+            fd, view[:-1] if offset else view, offset))
+        with pytest.raises(AdapterLoadError, match="changed size while it was read"):
+            read_file(tmp_path, "w.bin", None, as_tensor=True)

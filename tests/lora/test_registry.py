@@ -52,13 +52,13 @@ def test_reads_on_loader_threads_are_collected_or_discarded(tmp_path: Path) -> N
     real = reg._read
     reg._read = lambda name, src: (gate.wait(10), real(name, src))[1]
     big = weights_bytes(AdapterRegistry(arch, 16, 1, False).add("x", str(paths["mlp16"])))
-    reg.max_cached_bytes = big + 1  # qv8 alone fits, qv8 and mlp16 together do not
     for name in ("qv8", "all4rs", "mlp16"):
         reg.add_lazy(name, str(paths[name]))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text("[]")
     reg.add_lazy("bad", str(tmp_path / "bad"))
     assert not any(reg.ready(n) for n in ("qv8", "all4rs", "mlp16", "bad"))
+    reg.max_cached_bytes = big + 1  # qv8 alone fits, qv8 and mlp16 together do not
     assert not reg.ready("qv8") and sorted(reg.loading()) == ["all4rs", "bad", "mlp16", "qv8"]
     reg.remove("all4rs")  # removed while read: discarded
     reg.add_lazy("mlp16", str(paths["mlp16"]))  # replaced while read: discarded
@@ -69,11 +69,59 @@ def test_reads_on_loader_threads_are_collected_or_discarded(tmp_path: Path) -> N
     assert [n for n, _ in failed] == ["bad"] and "bad" not in reg
     assert reg.cached() == ["qv8"] and reg.ready("qv8") and reg.stats["disk_loads"] == 1
     assert reg.sources["qv8"].stamps  # validated on its first read
-    assert not reg.ready("mlp16")  # the replacement is read afresh
+    assert not reg.ready("mlp16")  # the replacement is read afresh, in room made for it:
+    assert reg.cached() == [] and reg.stats["host_evictions"] == 1  # qv8 went before the read
     while reg.loader.num_loading:
         threading.Event().wait(0.01)
-    assert reg.collect() == [] and reg.cached() == ["mlp16"]  # byte bound: qv8 went
-    assert reg.cached_bytes <= reg.max_cached_bytes and reg.stats["host_evictions"] == 1
+    assert reg.collect() == [] and reg.cached() == ["mlp16"]
+    assert reg.stats["host_evictions"] == 1
+
+
+def test_reads_start_in_room_made_for_them(tmp_path: Path) -> None:
+    """With a byte bound, a read starts only when the cache, the reads in flight and its file
+    fit (least recently used unwanted entries evicted first); a read that does not fit waits
+    until those in flight land, unless none is in flight (it starts, over the bound)."""
+    import threading
+
+    from punica.lora.loader import AdapterLoader
+    from punica.lora.registry import expected_bytes
+
+    base = save_model(tmp_path / "m", "llama")
+    arch = load_arch(base)
+    names = ("a", "b", "c", "d")
+    for i, n in enumerate(names):
+        save_adapter(base, tmp_path / n, i, **ADAPTERS["qv8"])
+    gate = threading.Event()
+    reg = AdapterRegistry(arch, 16, 8, False, loader=AdapterLoader(2))
+    real = reg._read
+    reg._read = lambda name, src: (gate.wait(10), real(name, src))[1]
+    for n in names:
+        reg.add_lazy(n, str(tmp_path / n))
+    size = expected_bytes(reg.sources["a"])
+    assert size == (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
+    reg.max_cached_bytes = 2 * size
+
+    def land() -> None:
+        gate.set()
+        while reg.loader.num_loading:
+            threading.Event().wait(0.01)
+        assert reg.collect() == []
+        gate.clear()
+
+    assert [reg.ready(n) for n in names] == [False] * 4
+    assert sorted(reg.loading()) == ["a", "b"]  # c and d wait for room
+    assert not reg.ready("c") and sorted(reg.loading()) == ["a", "b"]
+    land()
+    assert sorted(reg.cached()) == ["a", "b"] and reg.cached_bytes <= 2 * size
+    reg.protected = lambda: {"a"}  # a queued request wants a: b goes to make room for c
+    assert not reg.ready("c") and reg.cached() == ["a"] and reg.loading() == ["c"]
+    assert not reg.ready("d") and reg.loading() == ["c"]  # a is wanted, c in flight: wait
+    land()
+    reg.protected = lambda: {"a", "c"}
+    assert not reg.ready("d") and reg.loading() == ["d"]  # nothing in flight: over the bound
+    land()
+    assert reg.cached() == ["a", "c", "d"] and reg.stats["host_evictions"] == 1
+    assert reg.stats["disk_loads"] == 4 and reg._reserved_bytes == 0
 
 
 def test_a_read_for_an_earlier_registration_is_never_credited_to_a_later_one(

@@ -50,14 +50,14 @@ def test_a_failed_fill_leaves_the_slot_empty() -> None:
     s.filled("old")
     s.release("old")
     assert s.acquire("new") == Acquired(0, True, evicted="old")
-    assert not s.is_filled("new") and s.resident() == {}
+    assert not s.is_filled("new") and s.resident() == {} and s.unfilled() == {"new"}
     s.release("new")
     s.drop("new")
     assert s.resident() == {} and s.pinned() == {}
     assert s.acquire("new") == Acquired(0, True)
     assert not s.is_filled("new")
     s.filled("new")
-    assert s.is_filled("new") and s.resident() == {"new": 0}
+    assert s.is_filled("new") and s.resident() == {"new": 0} and s.unfilled() == set()
     with pytest.raises(RuntimeError):
         s.filled("other")
 

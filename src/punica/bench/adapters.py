@@ -126,7 +126,8 @@ def replay(engine: LLMEngine, arrivals: list[float], lengths: Lengths,
             "disk_reads": stats["disk_loads"], "read_seconds": stats["load_seconds"],
             "host_evictions": stats["host_evictions"],
             "slot_fills": engine.stats["adapter_loads"],
-            "slot_evictions": engine.stats["adapter_evictions"]}
+            "slot_evictions": engine.stats["adapter_evictions"],
+            "pinned_fallbacks": engine.arena.fallbacks if engine.arena is not None else None}
 
 
 def run_setting(model: object, arch: object, args: argparse.Namespace, setting: str,

@@ -55,8 +55,17 @@ def resident_fraction(path: Path) -> float | None:
         return None
 
 
-def read_GBps(path: Path) -> float:
-    """Sequential read rate of a file, as it lies now (dropped or cached), in GB/s."""
+def read_GBps(path: Path, chunked: bool = False) -> float:
+    """Read rate of a file, as it lies now (dropped or cached), in GB/s: one sequential stream,
+    or (`chunked`) as the adapter loader reads, in chunks side by side into a scratch buffer."""
+    if chunked:
+        from punica.lora.files import read_file
+        from punica.lora.read_buffer import scratch
+
+        start = time.perf_counter()
+        found = read_file(path.parent, path.name, None, as_tensor=True, into=scratch)
+        assert found is not None
+        return len(found[0]) / (time.perf_counter() - start) / 1e9
     buf = bytearray(16 << 20)
     start, total = time.perf_counter(), 0
     with open(path, "rb", buffering=0) as f:

@@ -94,8 +94,11 @@ class LLMEngine(AdapterOps):
         into host memory took) and ("host", seconds the engine thread took to queue a slot
         fill's copies)."""
         self.registry.on_read = lambda seconds: self._adapter_loaded("disk", seconds)
-        self.registry.protected = lambda: {s.adapter for s in self.scheduler.waiting
-                                           if s.adapter is not None}
+        # Host copies not to evict: those queued requests wait for, and those admitted in
+        # the step being scheduled, whose slots are filled from them after the scheduler ran
+        # (a read started for a later request in the queue makes room in the same pass).
+        self.registry.protected = lambda: self.slots.unfilled() | {
+            s.adapter for s in self.scheduler.waiting if s.adapter is not None}
         self.stops = StopChecker(self.tokenizer, a.eos_token_ids, self.max_model_len)
         self.generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.stats = {"adapter_loads": 0, "adapter_evictions": 0, "adapter_failures": 0,

@@ -69,6 +69,11 @@ class ModelRunner:
                                    self.dtype, device,
                                    "auto" if self.attention.fused_kernels else "torch")
                           if lc.max_loras > 0 else None)
+        self.fill_stream = (torch.cuda.Stream(device) if self.lora_pool is not None
+                            and device.type == "cuda" else None)
+        """Where slot fills are copied (load_adapter), beside the step in flight."""
+        if self.fill_stream is not None:  # the pool's zeroing before any fill
+            self.fill_stream.wait_stream(torch.cuda.current_stream(device))
         self.lora_stream = (torch.cuda.Stream(device) if self.lora_pool is not None
                             and self.lora_pool.capturable and lc.shrink_beside_gemm else None)
         """The side stream of the LoRA shrinks in step graphs (StepContext.lora_stream)."""
@@ -119,9 +124,28 @@ class ModelRunner:
         return graphs
 
     def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter's weights into a slot of the pool (queued on the current stream)."""
+        """Copy an adapter's weights into a slot of the pool. On CUDA the copies are queued on
+        the fill stream, which does not wait for the steps queued before (they run side by
+        side), and every step queued after waits for them (the current stream waits for the
+        fill stream before anything else is queued on it).
+
+        Safe because no step queued before reads this slot: the engine fills only a slot whose
+        previous adapter has no running request (slots.py: only unpinned slots are evicted), a
+        request keeps its slot pinned until the step that finishes it has been settled, and a
+        step that preempts admits nobody (so nothing is filled while the preempted request's
+        last step is in flight). A request aborted or failed while its step is in flight
+        unpins its slot early; that row may then read a slot being overwritten, and its output
+        is discarded (rows never mix)."""
         assert self.lora_pool is not None
-        self.lora_pool.load(slot, weights)
+        if self.fill_stream is None:
+            self.lora_pool.load(slot, weights)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.stream(self.fill_stream):
+                self.lora_pool.load(slot, weights)
+        finally:
+            compute.wait_stream(self.fill_stream)
 
     def warmup(self) -> float:
         """Capture every step graph now (a server's start, a benchmark's untimed part) rather

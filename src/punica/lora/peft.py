@@ -27,6 +27,7 @@ import torch
 
 from punica.lora.files import FileStamp, fail, patterns, read_file
 from punica.lora.pinned_arena import ArenaBlocks, PinnedArena
+from punica.lora.read_buffer import assert_not_in_scratch, scratch
 from punica.lora.safetensors_buffer import (
     SafetensorsFormatError,
     as_buffer,
@@ -169,7 +170,8 @@ def read_adapter_files(path: Path, root: Path | None, allow_pickle: bool
                 os.path.lexists(path / name):
             raise fail(path, "only adapter_model.bin (pickle) found; pickle files are refused "
                               "unless explicitly allowed (allow_pickle=True)")
-        found = read_file(path, name, root, as_tensor=name.endswith(".safetensors"))
+        found = read_file(path, name, root, as_tensor=name.endswith(".safetensors"),
+                          into=scratch)
         if found is not None:
             return cfg, parse_tensors(path, name, found[0], allow_pickle), (config[1], found[1])
     raise fail(path, "no adapter_model.safetensors")
@@ -209,6 +211,7 @@ def load_adapter(name: str, path: str | Path, arch: ModelArch, max_rank: int,
     if not modules:
         raise fail(path, "no LoRA weights found")
     modules, stacked, blocks = to_pool_form(path, modules, arch, layout, dtype, pin, arena)
+    assert_not_in_scratch(t for m in modules.values() for t in (m.A, m.B))
     weights = AdapterWeights(name=name, path=str(path), modules=modules, stamps=stamps,
                              stacked=stacked, blocks=blocks)
     if blocks is not None:  # weights no registry took (a refused or cancelled load) give back

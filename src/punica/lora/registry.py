@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -82,6 +83,12 @@ class AdapterRegistry:
         self._in_memory: dict[str, AdapterWeights] = {}  # no path: never evicted
         self._reading: dict[str, Source] = {}
         """Adapters a loader reads for their current registration."""
+        self._reserved: dict[str, int] = {}
+        self._reserved_bytes = 0
+        """Host bytes the reads in flight are expected to take (their weights files' sizes):
+        room made in the cache before a read starts, so that the loader finds the pinned arena
+        free for it rather than falling back to pageable memory, whose slot fill the engine
+        thread would then wait for."""
         self._serials = itertools.count(1)
         self.protected: Callable[[], set[str]] = set
         """Adapters whose host copy must not be evicted (the engine: those of queued requests,
@@ -144,6 +151,7 @@ class AdapterRegistry:
                 _drop(old)
         self._in_memory.pop(name, None)
         self._reading.pop(name, None)  # a read in flight is discarded when collected
+        self._reserved_bytes -= self._reserved.pop(name, 0)
 
     def ready(self, name: str) -> bool:
         """Whether `name`'s weights are in host memory; if not (and there is a loader), start
@@ -155,12 +163,21 @@ class AdapterRegistry:
             return False
         if self.loader is None:
             return True  # get() reads on the caller's thread
-        if name not in self._reading and len(self._reading) < self.max_cached:
-            # (reads in flight are bounded by the cache's count: a queue of cold adapters does
-            # not read more than the cache can keep; the others start as these finish)
-            self._reading[name] = src
-            self.stats["host_misses"] += 1
-            self.loader.start((name, src.serial), functools.partial(self._read, name, src))
+        if name in self._reading or len(self._reading) >= self.max_cached:
+            return False  # (reads in flight are bounded by the cache's count and bytes: a
+            # queue of cold adapters does not read more than the cache can keep; the others
+            # start as these land)
+        need = expected_bytes(src)
+        if self.max_cached_bytes is not None:
+            self._evict(set(), need)  # room for it now, before the loader allocates
+            if self._reserved_bytes and \
+                    self._cached_bytes + self._reserved_bytes + need > self.max_cached_bytes:
+                return False  # no room until a read in flight lands
+        self._reading[name] = src
+        self._reserved[name] = need
+        self._reserved_bytes += need
+        self.stats["host_misses"] += 1
+        self.loader.start((name, src.serial), functools.partial(self._read, name, src))
         return False
 
     def collect(self) -> list[tuple[str, Exception]]:
@@ -177,6 +194,7 @@ class AdapterRegistry:
                     _drop(r.weights)
                 continue  # unloaded or replaced while it was read: not this registration's
             del self._reading[name]
+            self._reserved_bytes -= self._reserved.pop(name, 0)
             self.stats["load_seconds"] += r.seconds
             if r.error is None and self.on_read is not None:
                 self.on_read(r.seconds)
@@ -255,13 +273,18 @@ class AdapterRegistry:
                 _drop(old)
         self._cache[weights.name] = weights
         self._cached_bytes += weights_bytes(weights)
+        self._evict({weights.name})
+
+    def _evict(self, keep: set[str], extra: int = 0) -> None:
+        """Evict least recently used entries (never `keep` or `protected()`) while the cache is
+        past its count, or its bytes with the reads in flight and `extra` are past its byte
+        bound; it stays over a bound when only wanted entries are left."""
         protected = None
-        while len(self._cache) > 1 and (
-                len(self._cache) > self.max_cached or (
-                    self.max_cached_bytes is not None
-                    and self._cached_bytes > self.max_cached_bytes)):
+        while len(self._cache) > self.max_cached or (
+                self.max_cached_bytes is not None and self._cached_bytes
+                + self._reserved_bytes + extra > self.max_cached_bytes):
             if protected is None:
-                protected = self.protected() | {weights.name}
+                protected = self.protected() | keep
             victim = next((n for n in self._cache if n not in protected), None)
             if victim is None:
                 return  # every entry is wanted by a queued request: over the bound for now
@@ -276,6 +299,20 @@ class AdapterRegistry:
 
     def cached(self) -> list[str]:
         return list(self._cache)
+
+
+def expected_bytes(src: Source) -> int:
+    """Host bytes a read of `src` is expected to take: the size of its weights file (from the
+    stamps of its registration, else a stat now; 0 when there is none yet). Exact for weights
+    stored in the pool's dtype, twice the need of float32 files read into a 16-bit pool."""
+    if src.stamps:
+        return sum(s.size for s in src.stamps if s.name != "adapter_config.json")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        try:
+            return os.stat(Path(src.path) / name).st_size
+        except OSError:
+            continue
+    return 0
 
 
 def _drop(weights: AdapterWeights) -> None:

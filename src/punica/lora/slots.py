@@ -77,6 +77,10 @@ class AdapterSlots:
         """Slots assigned whose fill has not completed (0 between steps)."""
         return len(self._unfilled)
 
+    def unfilled(self) -> set[str]:
+        """Adapters assigned a slot whose fill has not completed (admitted this step)."""
+        return set(self._unfilled)
+
     def is_filled(self, name: str) -> bool:
         return name in self._slot_of and name not in self._unfilled
 
