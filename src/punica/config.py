@@ -58,7 +58,7 @@ class LoraConfig:
     its projection runs (`ops.lora.add_lora_beside`), rather than after it."""
     max_cpu_lora_bytes: int | None = None
     """Host cache bound in bytes as well (None: by count only)."""
-    loader_threads: int = 4
+    loader_threads: int = 2
     """Threads that read adapter files off the engine's step thread (a request whose adapter is
     being read waits in the queue, holding no KV); 0: read on the engine thread."""
     lora_root: str | None = None

@@ -154,22 +154,3 @@ def test_a_read_for_an_earlier_registration_is_never_credited_to_a_later_one(
     assert reg.collect() == []
     assert reg.ready("x") and reg.get("x").max_rank == 16  # mlp16's weights, not qv8's
     assert reg.stats["disk_loads"] == 1
-
-
-def test_loader_threads_run_torch_on_few_threads() -> None:
-    """Each loader thread runs its torch work on TORCH_THREADS intra-op threads (torch's pool is
-    per calling thread), leaving the caller's own setting alone."""
-    import threading
-
-    from punica.lora.loader import TORCH_THREADS, AdapterLoader
-
-    before = torch.get_num_threads()
-    seen: list[int] = []
-    loader = AdapterLoader(2, torch_threads=TORCH_THREADS)
-    for k in range(4):
-        loader.start((f"x{k}", 0), lambda: seen.append(torch.get_num_threads()))
-    while loader.num_loading:
-        threading.Event().wait(0.01)
-    assert seen == [TORCH_THREADS] * 4 and len(loader.collect()) == 4
-    assert torch.get_num_threads() == before
-    loader.shutdown()

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from punica.lora.peft import AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -40,20 +38,12 @@ class LoadResult:
     """How long the load took on its loader thread."""
 
 
-TORCH_THREADS = 1
-"""Intra-op threads of each loader thread's torch work (casts, transposes, checks): torch's
-OpenMP pool is per calling thread, so loaders at the machine's default (one per core) would run
-a team of busy-waiting workers each, taking the cores the engine thread needs to launch steps."""
-
-
 class AdapterLoader:
-    def __init__(self, threads: int = 4, on_done: Callable[[], None] | None = None,
-                 torch_threads: int = TORCH_THREADS) -> None:
+    def __init__(self, threads: int = 2, on_done: Callable[[], None] | None = None) -> None:
         """`on_done()` is called on the loader thread after each load (e.g. to wake the engine
         thread, which may be waiting for nothing but loads)."""
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max(1, threads), thread_name_prefix="punica-lora-load",
-            initializer=torch.set_num_threads, initargs=(max(1, torch_threads),))
+            max(1, threads), thread_name_prefix="punica-lora-load")
         self._lock = threading.Lock()
         self._running: dict[Key, concurrent.futures.Future] = {}
         self._done: list[LoadResult] = []
