@@ -33,12 +33,17 @@ def slot_contents(runner: ModelRunner, slot: int) -> torch.Tensor:
 
 
 def test_a_fill_runs_beside_the_step_queued_before_it(runner: ModelRunner) -> None:
+    """In steady state: a first fill (untimed) leaves the pinned staging and the device
+    temporaries of its copies cached; a fill that has to allocate them synchronizes the device
+    (cudaHostAlloc, cudaMalloc) and so waits for the step anyway."""
+    adapter = random_adapter("a", runner.arch, 8, seed=1)
+    runner.load_adapter(0, adapter)
     torch.cuda.synchronize()
     compute = torch.cuda.current_stream()
     busy = torch.cuda.Event()
     torch.cuda._sleep(SLEEP_CYCLES)  # a long step in flight
     busy.record(compute)
-    runner.load_adapter(0, random_adapter("a", runner.arch, 8, seed=1))
+    runner.load_adapter(0, adapter)
     filled = torch.cuda.Event()
     filled.record(runner.fill_stream)
     filled.synchronize()
