@@ -68,15 +68,20 @@ class LoraConfig:
     """On CUDA: pinned host memory allocated at start for adapters read from files
     (lora/pinned_arena.py); default max_cpu_lora_bytes, else 4 GiB. Unless max_cpu_lora_bytes
     is set, the host cache is bounded by it too, so evictions recycle the arena."""
+    loader_processes: int = 0
+    """Read and convert adapters in this many processes (lora/loader_process.py; each
+    loader thread waits on one), so that none of that work holds the engine process's GIL;
+    the arena is then shared memory (on any device). 0: on the loader threads themselves."""
 
     def __post_init__(self) -> None:
         if self.max_loras < 0 or self.max_lora_rank < 1 or (
                 self.max_cpu_loras is not None and self.max_cpu_loras < 1) or (
-                self.pinned_lora_bytes is not None and self.pinned_lora_bytes < 0):
-            raise ValueError("max_loras >= 0, max_lora_rank >= 1, max_cpu_loras >= 1 and "
-                             f"pinned_lora_bytes >= 0 expected, got {self.max_loras}, "
-                             f"{self.max_lora_rank}, {self.max_cpu_loras}, "
-                             f"{self.pinned_lora_bytes}")
+                self.pinned_lora_bytes is not None and self.pinned_lora_bytes < 0) or \
+                self.loader_processes < 0:
+            raise ValueError("max_loras >= 0, max_lora_rank >= 1, max_cpu_loras >= 1, "
+                             "pinned_lora_bytes >= 0 and loader_processes >= 0 expected, got "
+                             f"{self.max_loras}, {self.max_lora_rank}, {self.max_cpu_loras}, "
+                             f"{self.pinned_lora_bytes}, {self.loader_processes}")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ class LLM:
                  lora_root: str | None = LoraConfig.lora_root,
                  max_cpu_lora_bytes: int | None = LoraConfig.max_cpu_lora_bytes,
                  lora_loader_threads: int = LoraConfig.loader_threads,
-                 pinned_lora_bytes: int | None = LoraConfig.pinned_lora_bytes) -> None:
+                 pinned_lora_bytes: int | None = LoraConfig.pinned_lora_bytes,
+                 lora_loader_processes: int = LoraConfig.loader_processes) -> None:
         """Every default is its config field's (punica.config): one place sets each."""
         self.engine = LLMEngine(EngineConfig(
             model=ModelConfig(model, dtype, device, max_model_len, seed, attention_backend,
@@ -46,7 +47,7 @@ class LLM:
             cache=CacheConfig(block_size, gpu_memory_utilization, kv_cache_bytes, num_kv_blocks),
             lora=LoraConfig(max_loras, max_lora_rank, max_cpu_loras, allow_pickle,
                             shrink_beside_gemm, max_cpu_lora_bytes, lora_loader_threads,
-                            lora_root, pinned_lora_bytes),
+                            lora_root, pinned_lora_bytes, lora_loader_processes),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens)))
         self._ids = itertools.count()
 

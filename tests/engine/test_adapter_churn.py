@@ -82,11 +82,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 
 
 def llm(fleet: Fleet, max_loras: int, threads: int, max_cpu_loras: int | None = None,
-        max_cpu_lora_bytes: int | None = None) -> LLM:
+        max_cpu_lora_bytes: int | None = None, processes: int = 0) -> LLM:
     return LLM(str(fleet.base), dtype="float32", device="cpu", max_model_len=32,
                max_loras=max_loras, max_lora_rank=16, max_cpu_loras=max_cpu_loras,
                max_cpu_lora_bytes=max_cpu_lora_bytes, lora_loader_threads=threads,
-               lora_root=str(fleet.root), block_size=16, num_kv_blocks=16)
+               lora_root=str(fleet.root), block_size=16, num_kv_blocks=16,
+               lora_loader_processes=processes,
+               pinned_lora_bytes=(16 << 20) if processes else None)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +102,14 @@ def base_alone(fleet: Fleet) -> dict[int, list[int]]:
     return out
 
 
-def churn(engine: LLM, base_alone: dict[int, list[int]], oracle: dict) -> int:
-    """ROUNDS generate calls of [adapter, base, next adapter] (the six adapters in turn, 2 or 3
+def churn(engine: LLM, base_alone: dict[int, list[int]], oracle: dict,
+          rounds: int = ROUNDS) -> int:
+    """`rounds` generate calls of [adapter, base, next adapter] (the six adapters in turn, 2 or 3
     tokens each; the base request beside them); asserts every output. Returns how many adapter
     requests were served."""
     turn = itertools.cycle(NAMES)
     served = 0
-    for r in range(ROUNDS):
+    for r in range(rounds):
         adapters = [next(turn), None, next(turn)]
         prompts = [(r + j) % len(PROMPTS) for j in range(3)]
         lengths = [2 + (r + j) % 2 for j in range(3)]
@@ -153,3 +156,24 @@ def test_loader_threads_and_a_byte_bound_evict_in_both_tiers(
     assert reg["host_evictions"] + stats["adapter_evictions"] >= 2000, (dict(reg), stats)
     assert reg["load_failures"] == 0 and stats["adapter_failures"] == 0
     assert registry.cached_bytes <= largest
+
+
+def test_loader_processes_serve_every_adapter_as_hf_peft(
+        fleet: Fleet, base_alone: dict[int, list[int]]) -> None:
+    """Reads in a loader process, into a shared arena: two slots, host memory bounded by the
+    largest adapter's bytes, the six adapters in turn, so that every request is read again in
+    the process."""
+    probe = llm(fleet, max_loras=1, threads=0)
+    largest = max(weights_bytes(probe.engine.registry.parse(n, str(fleet.root / n)))
+                  for n in NAMES)
+    engine = llm(fleet, max_loras=2, threads=1, processes=1, max_cpu_lora_bytes=largest)
+    registry = engine.engine.registry
+    try:
+        served = churn(engine, base_alone, fleet.oracle, rounds=60)
+        assert registry.reader is not None and engine.engine.arena is not None
+        assert engine.engine.arena.shared and engine.engine.arena.fallbacks == 0
+        assert registry.stats["disk_loads"] == served and registry.stats["load_failures"] == 0
+        assert all(w.blocks is not None and w.blocks.offsets
+                   for w in (registry.get(n) for n in registry.cached()))
+    finally:
+        registry.close()

@@ -99,8 +99,7 @@ class AsyncEngine:
         self._stop.set()
         self._inbox.put(lambda: None)
         self._thread.join(timeout=10)
-        if self.engine.registry.loader is not None:
-            self.engine.registry.loader.shutdown()
+        self.engine.registry.close()
 
     def healthy(self) -> bool:
         """Whether the engine thread is running (it serves requests)."""

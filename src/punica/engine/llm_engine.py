@@ -45,6 +45,7 @@ from punica.errors import (
     StepFailedError,
 )
 from punica.lora.loader import AdapterLoader
+from punica.lora.loader_process import ProcessReader
 from punica.lora.pinned_arena import pinned_arena_of
 from punica.lora.registry import AdapterRegistry, jit_path
 from punica.lora.slots import AdapterSlots
@@ -75,9 +76,11 @@ class LLMEngine(AdapterOps):
         self.on_adapter_read: Callable[[], None] | None = None
         """Called on a loader thread when an adapter's files were read (AsyncEngine wakes its
         engine thread with it)."""
-        loader = (AdapterLoader(lc.loader_threads, self._adapter_read)
+        loader = (AdapterLoader(max(lc.loader_threads, lc.loader_processes), self._adapter_read)
                   if lc.loader_threads > 0 and lc.max_loras > 0 else None)
-        self.arena = pinned_arena_of(lc.pinned_lora_bytes, lc.max_cpu_lora_bytes, self.device)
+        processes = lc.loader_processes if loader is not None else 0
+        self.arena = pinned_arena_of(lc.pinned_lora_bytes, lc.max_cpu_lora_bytes, self.device,
+                                     shared=processes > 0)
         host_bytes = lc.max_cpu_lora_bytes
         if host_bytes is None and self.arena is not None:
             host_bytes = self.arena.ranges.capacity
@@ -86,6 +89,9 @@ class LLMEngine(AdapterOps):
                                         lc.allow_pickle, self.dtype, host_bytes,
                                         loader, pin=self.device.type == "cuda",
                                         arena=self.arena)
+        if processes and self.arena is not None:
+            self.registry.reader = ProcessReader(processes, self.arena, a, lc.max_lora_rank,
+                                                 lc.allow_pickle, self.dtype)
         self.slots = AdapterSlots(max(lc.max_loras, 1))
         self.scheduler = Scheduler(config.scheduler, BlockManager(num_blocks, cc.block_size),
                                    self.slots, self.adapter_ready)

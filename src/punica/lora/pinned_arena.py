@@ -73,10 +73,21 @@ class PinnedArena:
     """One pinned uint8 buffer and its ranges; thread-safe (loaders allocate, the engine
     thread releases)."""
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, shared: bool = False) -> None:
+        """`shared`: in shared memory (loader processes write adapters into it), pinned on
+        CUDA by registering it (cudaHostRegister) rather than by allocating it pinned."""
         self.ranges = RangeAllocator(nbytes)
-        self.buffer = torch.empty(self.ranges.capacity, dtype=torch.uint8,
-                                  pin_memory=torch.cuda.is_available())
+        self.shared = shared
+        cuda = torch.cuda.is_available()
+        if shared:
+            self.buffer = torch.empty(self.ranges.capacity, dtype=torch.uint8).share_memory_()
+            if cuda and self.ranges.capacity:
+                rc = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(),
+                                                          self.ranges.capacity, 0)
+                if int(rc) != 0:
+                    raise RuntimeError(f"cudaHostRegister of the shared arena failed ({rc})")
+        else:
+            self.buffer = torch.empty(self.ranges.capacity, dtype=torch.uint8, pin_memory=cuda)
         self._lock = threading.Lock()
         self._pending: list[tuple[list[int], torch.cuda.Event | None]] = []
         self.fallbacks = 0
@@ -94,6 +105,21 @@ class PinnedArena:
                 self.fallbacks += 1
                 return torch.empty(shape, dtype=dtype)
         blocks.offsets.append(offset)
+        return self.buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+    def block(self, nbytes: int, blocks: ArenaBlocks) -> int | None:
+        """The offset of a block of `nbytes` (recorded in `blocks`), None when full: room for
+        a whole adapter, which a loader process carves its tensors from."""
+        with self._lock:
+            self._reclaim()
+            offset = self.ranges.alloc(nbytes)
+        if offset is not None:
+            blocks.offsets.append(offset)
+        return offset
+
+    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The tensor of `shape` and `dtype` at byte `offset` of the buffer."""
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         return self.buffer[offset:offset + nbytes].view(dtype).view(shape)
 
     def release(self, blocks: ArenaBlocks) -> None:
@@ -141,10 +167,11 @@ rank-16 adapters on every projection of a 7B model."""
 
 
 def pinned_arena_of(pinned_bytes: int | None, host_bytes: int | None,
-                    device: torch.device) -> PinnedArena | None:
-    """An engine's arena: on CUDA only, `pinned_bytes`, else `host_bytes`, else DEFAULT_BYTES
-    (0: none; adapters read then go to pinned memory allocated per adapter)."""
-    if device.type != "cuda":
+                    device: torch.device, shared: bool = False) -> PinnedArena | None:
+    """An engine's arena: on CUDA (or `shared`, for loader processes, on any device),
+    `pinned_bytes`, else `host_bytes`, else DEFAULT_BYTES (0: none; adapters read then go to
+    pinned memory allocated per adapter, and no loader process can be used)."""
+    if device.type != "cuda" and not shared:
         return None
     nbytes = pinned_bytes if pinned_bytes is not None else (host_bytes or DEFAULT_BYTES)
-    return PinnedArena(nbytes) if nbytes >= ALIGN else None
+    return PinnedArena(nbytes, shared) if nbytes >= ALIGN else None

@@ -34,6 +34,7 @@ import torch
 from punica.errors import AdapterLoadError, AdapterNotFoundError
 from punica.lora.files import FileStamp, stamps_of
 from punica.lora.loader import AdapterLoader
+from punica.lora.loader_process import ProcessReader
 from punica.lora.peft import AdapterWeights, load_adapter
 from punica.lora.pinned_arena import PinnedArena
 from punica.models.arch import ModelArch
@@ -77,6 +78,9 @@ class AdapterRegistry:
         self.max_cached_bytes = max_cached_bytes
         """Host cache bound in bytes (None: adapters only); the newest entry always stays."""
         self.loader = loader
+        self.reader: ProcessReader | None = None
+        """Where a loader thread's reads run when set (loader processes); an adapter the
+        shared arena has no room for is read on the thread itself."""
         self.sources: dict[str, Source] = {}
         self._cache: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._cached_bytes = 0
@@ -247,8 +251,12 @@ class AdapterRegistry:
         mutable state)."""
         if src.stamps is not None:
             self._check_unchanged(name, src, stamps_of(Path(src.path)))
-        weights = load_adapter(name, src.path, self.arch, self.max_rank, self.allow_pickle,
-                               src.root, self.dtype, self.pin, self.arena)
+        weights = None
+        if self.reader is not None:
+            weights = self.reader.load(name, src.path, src.root)
+        if weights is None:
+            weights = load_adapter(name, src.path, self.arch, self.max_rank, self.allow_pickle,
+                                   src.root, self.dtype, self.pin, self.arena)
         if src.stamps is not None:
             try:
                 self._check_unchanged(name, src, weights.stamps)
@@ -292,6 +300,13 @@ class AdapterRegistry:
             self._cached_bytes -= weights_bytes(evicted)
             _drop(evicted)
             self.stats["host_evictions"] += 1
+
+    def close(self) -> None:
+        """Stop the loader threads and processes (reads in flight are abandoned)."""
+        if self.loader is not None:
+            self.loader.shutdown()
+        if self.reader is not None:
+            self.reader.close()
 
     @property
     def cached_bytes(self) -> int:

@@ -40,7 +40,8 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
                         loader_threads=getattr(ns, "lora_loader_threads",
                                                LoraConfig.loader_threads),
                         lora_root=getattr(ns, "lora_root", None),
-                        pinned_lora_bytes=getattr(ns, "pinned_lora_bytes", None)),
+                        pinned_lora_bytes=getattr(ns, "pinned_lora_bytes", None),
+                        loader_processes=getattr(ns, "lora_loader_processes", 0)),
         scheduler=SchedulerConfig(ns.max_num_seqs, ns.max_num_batched_tokens,
                                   ns.async_scheduling))
 

@@ -70,6 +70,9 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
                          "--max-cpu-lora-bytes, else 4 GiB; then also the host cache's bound)")
     ap.add_argument("--lora-loader-threads", type=int, default=LoraConfig.loader_threads,
                     help="threads reading adapter files off the step thread (0: on it)")
+    ap.add_argument("--lora-loader-processes", type=int, default=LoraConfig.loader_processes,
+                    help="read adapters in this many processes (each loader thread waits on "
+                         "one), off the engine process's GIL (0: on the loader threads)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
