@@ -132,3 +132,31 @@ def test_an_engine_reads_adapters_into_its_pinned_arena(tmp_path: Path) -> None:
         group, i, start, width = pool.place[proj]
         assert torch.equal(pool.A[layer][group][1, i * 8: i * 8 + 4].cpu(), m.A)
         assert torch.equal(pool.B[layer][group][1, :4, start:start + width].cpu(), m.B.T)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_a_shared_arena_is_pinned_and_reads_through_loader_processes(tmp_path: Path) -> None:
+    """A shared arena (loader processes) is registered as pinned: the weights a process wrote
+    into it are pinned views, copied into a slot as they are."""
+    from punica.lora.loader_process import ProcessReader
+    from punica.lora.pool import LoraPool
+
+    arena = PinnedArena(8 << 20, shared=True)
+    assert arena.buffer.is_pinned() and arena.buffer.is_shared()
+    w = random_adapter("w", ARCH, 4, torch.float16, seed=5)
+    folder = save_peft(w, ARCH, tmp_path / "w")
+    reader = ProcessReader(1, arena, ARCH, 8, False, torch.float16)
+    try:
+        back = reader.load("w", str(folder), None)
+    finally:
+        reader.close()
+    assert back is not None and all(st.A.is_pinned() for st in back.stacked.values())
+    pool = LoraPool(ARCH, num_slots=2, max_rank=8, max_tokens=8, dtype=torch.float16,
+                    device=torch.device("cuda"))
+    pool.load(1, back)
+    torch.cuda.synchronize()
+    want = load_adapter("w", folder, ARCH, 8, dtype=torch.float16)
+    for (layer, proj), m in want.modules.items():
+        group, i, start, width = pool.place[proj]
+        got = pool.A[layer][group][1, i * 8: i * 8 + m.rank].cpu()
+        assert torch.equal(got, m.A)

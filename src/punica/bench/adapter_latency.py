@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-streams", type=int, default=32)
     ap.add_argument("--cold", type=int, default=100, help="cold adapters of the stall run")
     ap.add_argument("--stall-max-loras", type=int, default=64)
+    ap.add_argument("--loader-processes", type=int, default=0,
+                    help="read adapters in loader processes (LoraConfig.loader_processes)")
     ap.add_argument("--stream-prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens per warm stream")
     ap.add_argument("--cold-max-tokens", type=int, default=4)
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                  max(args.prompt_len + args.cold_max_tokens, args.stream_prompt_len +
                      args.max_tokens) + 16)
     engine = engine_of(model, device, LoraConfig(max_loras=L, max_lora_rank=args.rank,
+                                                 loader_processes=args.loader_processes,
                                                  max_cpu_loras=2 * R + L + 4,
                                                  lora_root=str(root)), 4, maxlen)
     fillers = names[2 * R: 2 * R + L]
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     engine = engine_of(model, device, LoraConfig(
         max_loras=args.stall_max_loras, max_lora_rank=args.rank, max_cpu_loras=len(names) + 8,
-        lora_root=str(root)), max(64, 2 * W), maxlen)
+        lora_root=str(root), loader_processes=args.loader_processes), max(64, 2 * W), maxlen)
     warm = [(prompt(args.stream_prompt_len), names[k]) for k in range(W)]
     stream_run(engine, warm, [], 0.0, min(8, args.max_tokens), 1)  # read and fill the slots
     if not set(names[:W]) <= set(engine.slots.resident()):

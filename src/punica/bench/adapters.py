@@ -145,6 +145,7 @@ def run_setting(model: object, arch: object, args: argparse.Namespace, setting: 
             ModelConfig("<random weights>", device=str(device), max_model_len=args.maxlen),
             CacheConfig(kv_cache_bytes=1 << 30),
             LoraConfig(max_loras=min(args.max_loras, count), max_lora_rank=max(ranks),
+                       loader_processes=args.loader_processes,
                        max_cpu_loras=args.max_cpu_loras, lora_root=str(root)),
             SchedulerConfig(max_num_seqs=args.max_num_seqs)), model=model)
         engine.warmup()
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-loras", type=int, default=64)
     ap.add_argument("--max-cpu-loras", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--loader-processes", type=int, default=0,
+                    help="read adapters in loader processes (LoraConfig.loader_processes)")
     ap.add_argument("--root", help="adapter folders (default: OUT_DIR/adapter_root)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="benchmarks/results")

@@ -42,7 +42,7 @@ from punica.engine.async_engine import OverloadedError
 from punica.engine.llm_engine import LLMEngine
 from punica.engine.outputs import RequestOutput
 from punica.engine.sampling_params import SamplingParams
-from punica.errors import EngineUnavailableError
+from punica.errors import EngineUnavailableError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 RESTART_FIRST_S, RESTART_MAX_S = 1.0, 30.0
@@ -150,7 +150,12 @@ class ClusterEngine:
         """Whether some engine is alive (a request can be served)."""
         return any(load.alive for load in self._loads)
 
-    def open(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> str:
+    def open(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None,
+             priority: int = 0, tenant: str | None = None) -> str:
+        """`priority` must be 0 and `tenant` is not used: the cluster's engines schedule FCFS
+        (the server refuses other priorities first)."""
+        if priority != 0:
+            raise InvalidRequestError("priority: the cluster schedules first come, first served")
         if not self.healthy():
             raise EngineUnavailableError("no engine of the cluster is alive")
         if self.in_flight + params.n > self.max_in_flight:

@@ -117,7 +117,7 @@ class AsyncEngine:
 
     # asyncio callers (the server) ----------------------------------------------------------------
     def open(self, prompt_ids: list[int], params: SamplingParams,
-             adapter: str | None) -> str:
+             adapter: str | None, priority: int = 0, tenant: str | None = None) -> str:
         """Validate, reserve a place in flight and submit a request; returns its id.
 
         Synchronous, so a handler can check everything (and answer 4xx/503) before it starts a
@@ -130,7 +130,7 @@ class AsyncEngine:
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         self._streams[rid] = _Stream(_queue_sink(loop, updates), params.n, updates, adapter,
                                      len(prompt_ids), time.perf_counter())
-        self.submit(lambda: self._add(rid, prompt_ids, params, adapter))
+        self.submit(lambda: self._add(rid, prompt_ids, params, adapter, priority, tenant))
         return rid
 
     def stream(self, rid: str) -> AsyncIterator[RequestOutput]:
@@ -214,11 +214,11 @@ class AsyncEngine:
         self.engine.abort(rid)
 
     def _add(self, rid: str, prompt_ids: list[int], params: SamplingParams,
-             adapter: str | None) -> None:
+             adapter: str | None, priority: int = 0, tenant: str | None = None) -> None:
         if rid not in self._streams:
             return  # the caller left before the request was added
         try:
-            self.engine.add_request(rid, prompt_ids, params, adapter)
+            self.engine.add_request(rid, prompt_ids, params, adapter, priority, tenant)
         except Exception as err:  # noqa: BLE001 - delivered to the request's caller
             self._deliver(rid, err)
 

@@ -125,7 +125,10 @@ class LLMEngine(AdapterOps):
 
     # Requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None) -> None:
+                    adapter: str | None = None, priority: int = 0,
+                    tenant: str | None = None) -> None:
+        """`priority` (lower first) counts under the priority policy; `tenant` (default: the
+        adapter, "" for the base model) is whose service the fair policy counts it as."""
         self.validate(prompt_ids, adapter, params)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -137,7 +140,9 @@ class LLMEngine(AdapterOps):
             self.adapter_ready(adapter)  # prefetch: its files are read while it queues
         seqs = []
         for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), params, adapter)
+            seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), params, adapter,
+                           tenant=tenant if tenant is not None else (adapter or ""),
+                           priority=priority)
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)

@@ -1,16 +1,18 @@
-"""Tensor-free continuous-batching scheduler: chunked prefill under one token budget, FCFS,
-preemption by recomputation (newest first), admission gated by KV blocks, adapter slots and the
-adapter's weights being in host memory.
+"""Tensor-free continuous-batching scheduler: chunked prefill under one token budget, a
+scheduling policy (engine/policy.py: fcfs, priority or fair) for admission and preemption,
+preemption by recomputation, admission gated by KV blocks, adapter slots and the adapter's
+weights being in host memory.
 
 Each step: running sequences first, oldest first, each taking what it still needs (1 token for a
 decode, the rest of its prompt or a chunk of it for a prefill) within `max_num_batched_tokens`;
-when blocks run out the newest running sequence is preempted (blocks freed, adapter released,
-recomputed later from the front of the queue). Then waiting sequences are admitted in arrival
-order while the budget, `max_num_seqs`, free blocks and an adapter slot allow; the first that does
-not fit stops admission (strict FCFS: no request is overtaken, except by those behind one whose
-adapter is still being read from disk, which waits without holding anything). A sequence's
-adapter slot is pinned from admission to finish/preemption, so the pool never evicts an adapter a
-running request uses.
+when blocks run out the policy's victim among those not yet scheduled this step is preempted
+(fcfs: the newest; blocks freed, adapter released, recomputed later from the front of the
+queue). Then waiting sequences are admitted in the policy's order while the budget,
+`max_num_seqs`, free blocks and an adapter slot allow; the first that does not fit stops
+admission (no request is overtaken by one after it in the policy's order, except by those behind
+one whose adapter is still being read from disk, which waits without holding anything). A
+sequence's adapter slot is pinned from admission to finish/preemption, so the pool never evicts
+an adapter a running request uses.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from punica.engine.block_manager import BlockManager
+from punica.engine.policy import POLICIES, make_policy
 from punica.engine.sequence import SeqStatus, Sequence
 from punica.lora.slots import AdapterSlots
 
@@ -34,11 +37,17 @@ class SchedulerConfig:
     """Schedule and launch step k+1 while step k still runs on the device (engine/inflight.py);
     requests with penalties fall back to synchronous steps. On the H200 it took textgen from
     1,804 to 2,418 tok/s (cap 32, Distinct; RESULTS.md)."""
+    policy: str = "fcfs"
+    """Who is admitted first and preempted first: fcfs, priority or fair (engine/policy.py)."""
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    """fair: (tenant, weight) pairs; a tenant not listed weighs 1."""
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens: expected >= 1, got "
                              f"{self.max_num_seqs}, {self.max_num_batched_tokens}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -82,10 +91,12 @@ class Scheduler:
         whose adapter is not stays queued, holding nothing, and the requests behind it go on."""
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.policy = make_policy(config.policy, dict(config.tenant_weights))
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+        self.policy.arrived(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -93,6 +104,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        self.policy.charge(out.scheduled)  # the running ones' tokens, before admission
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
@@ -106,7 +118,8 @@ class Scheduler:
                 i += 1
                 continue
             while not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
-                victim = self.running[-1]
+                # (only from those not scheduled yet in this step: seq and those after it)
+                victim = self.policy.victim(self.running[i:])
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -118,14 +131,17 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        """FCFS among the requests whose adapter is ready: the first of those that does not fit
-        stops admission; those whose adapter is still being read are passed over (in place)."""
-        passed: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        """In the policy's order among the requests whose adapter is ready: the first of those
+        that does not fit stops admission; those whose adapter is still being read are passed
+        over (they keep their place)."""
+        skip: set[int] = set()
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.policy.next(self.waiting, skip)
+            if seq is None:
+                break
             if seq.adapter is not None and self.ready is not None and \
                     not self.ready(seq.adapter):
-                passed.append(self.waiting.popleft())
+                skip.add(seq.seq_id)
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
@@ -139,13 +155,13 @@ class Scheduler:
                     out.loads.append((acquired.slot, seq.adapter))
                 if acquired.evicted is not None:
                     out.evicted.append(acquired.evicted)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.allocate(seq.seq_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq.of(seq, n))
+            self.policy.charge(out.scheduled[-1:])  # counted now: the next pick sees it
             budget -= n
-        self.waiting.extendleft(reversed(passed))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -167,6 +183,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Stop a running or waiting sequence: free its blocks and its adapter slot."""
+        if seq.status is not SeqStatus.FINISHED:
+            self.policy.finished(seq)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self._release(seq)

@@ -36,6 +36,10 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     """Per output token: {token id: logprob} of the sampled token and the top-k."""
     output_text: str = ""
+    tenant: str = ""
+    """Whose request this is, for fair scheduling (default: its adapter; "" the base model)."""
+    priority: int = 0
+    """Lower runs first under the priority policy."""
 
     @property
     def num_tokens(self) -> int:

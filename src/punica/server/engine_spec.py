@@ -4,7 +4,10 @@ one place for `punica serve` and for every engine actor of `punica cluster`."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from punica.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
 from punica.engine.llm_engine import LLMEngine
@@ -43,7 +46,26 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
                         pinned_lora_bytes=getattr(ns, "pinned_lora_bytes", None),
                         loader_processes=getattr(ns, "lora_loader_processes", 0)),
         scheduler=SchedulerConfig(ns.max_num_seqs, ns.max_num_batched_tokens,
-                                  ns.async_scheduling))
+                                  ns.async_scheduling,
+                                  policy=getattr(ns, "scheduling_policy", "fcfs"),
+                                  tenant_weights=tenant_weights(
+                                      getattr(ns, "tenant_weights", None))))
+
+
+def tenant_weights(path: str | None) -> tuple[tuple[str, float], ...]:
+    """--tenant-weights FILE: a JSON object of tenant -> weight (a number > 0)."""
+    if path is None:
+        return ()
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--tenant-weights {path}: cannot be read as JSON ({err})") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+            for w in data.values()):
+        raise ConfigError(f"--tenant-weights {path}: expected a JSON object of tenant -> "
+                          "weight > 0")
+    return tuple((str(t), float(w)) for t, w in sorted(data.items()))
 
 
 def spec_from_args(ns: argparse.Namespace) -> EngineSpec:

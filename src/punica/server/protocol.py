@@ -64,6 +64,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=list,
                                                                        max_length=64)
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
+    """Lower is admitted first (--scheduling-policy priority; refused otherwise unless 0)."""
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Sampling:

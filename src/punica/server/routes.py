@@ -18,7 +18,8 @@ from punica.server.state import Server, gather_outputs, prompt_list, sse
 
 
 def _open(srv: Server, prompts: list[list[int]], params: SamplingParams, adapter: str | None,
-          max_tokens: int) -> list[AsyncIterator[RequestOutput]]:
+          max_tokens: int, body: CompletionRequest | ChatCompletionRequest
+          ) -> list[AsyncIterator[RequestOutput]]:
     """Check and submit every prompt before any response starts (its status is still ours to
     set); a failure closes the ones already opened. Each prompt counts n in flight."""
     limits = srv.settings
@@ -29,10 +30,11 @@ def _open(srv: Server, prompts: list[list[int]], params: SamplingParams, adapter
         raise OverloadedError(f"server overloaded: {srv.engine.in_flight} sequences in flight")
     for p in prompts:
         srv.check_length(p, max_tokens)
+    priority, tenant = srv.schedule_as(body.priority, body.user)
     rids: list[str] = []
     try:
         for p in prompts:
-            rids.append(srv.engine.open(p, params, adapter))
+            rids.append(srv.engine.open(p, params, adapter, priority, tenant))
     except Exception:
         for rid in rids:
             srv.engine.cancel(rid)
@@ -88,7 +90,7 @@ async def run_completion(srv: Server, body: CompletionRequest,
     prompts = await srv.off_loop(lambda: [srv.encode(p) for p in texts])
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
     params = body.sampling_params(max_tokens, body.logprobs)
-    gens = _open(srv, prompts, params, adapter, max_tokens)
+    gens = _open(srv, prompts, params, adapter, max_tokens, body)
     rid = srv.next_id("cmpl")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -130,7 +132,7 @@ async def run_chat(srv: Server, body: ChatCompletionRequest,
         1, srv.max_model_len - len(prompt))
     top = body.top_logprobs or 0
     params = body.sampling_params(max_tokens, top if body.logprobs else None)
-    gens = _open(srv, [prompt], params, adapter, max_tokens)
+    gens = _open(srv, [prompt], params, adapter, max_tokens, body)
     rid = srv.next_id("chatcmpl")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

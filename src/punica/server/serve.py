@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from punica.config import LoraConfig, ModelConfig
+from punica.engine.policy import POLICIES
 from punica.errors import ConfigError
 
 log = logging.getLogger("punica.server")
@@ -74,6 +75,16 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
                     help="read adapters in this many processes (each loader thread waits on "
                          "one), off the engine process's GIL (0: on the loader threads)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--scheduling-policy", choices=POLICIES, default="fcfs",
+                    help="who is admitted (and preempted) first: fcfs; priority (a request's "
+                         "`priority`, lower first); fair (the least-served tenant, by weighted "
+                         "tokens: the Virtual Token Counter)")
+    ap.add_argument("--tenant-from", choices=("adapter", "user"), default="adapter",
+                    help="fair: whose service a request counts as: its adapter (the base model "
+                         "is one tenant) or its `user` field (absent: one anonymous tenant)")
+    ap.add_argument("--tenant-weights", metavar="FILE",
+                    help="fair: JSON object of tenant -> weight (default 1; weight 2 gets "
+                         "twice the service when both are backlogged)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -180,7 +191,8 @@ def serve(ns: argparse.Namespace) -> int:
     sock = bind(ns.host, ns.port)
     engine = build_engine(spec_from_args(ns))
     settings = ServerSettings(served_name(ns), key, ns.lora_root, ns.max_n, ns.max_prompts,
-                              ns.max_request_bytes)
+                              ns.max_request_bytes, scheduling_policy=ns.scheduling_policy,
+                              tenant_from=ns.tenant_from)
     log.info("serving %s with adapters %s on http://%s:%d (API key %s)",
              settings.served_model_name, engine.list_loras(), ns.host, ns.port,
              "required" if key else "off")

@@ -33,6 +33,10 @@ class ServerSettings:
     """Largest request body (413 above it)."""
     retry_after_s: int = 1
     """Retry-After of 429/503 answers."""
+    scheduling_policy: str = "fcfs"
+    """The engine's (a request's `priority` other than 0 is refused unless it is priority)."""
+    tenant_from: str = "adapter"
+    """Whose service a request counts as under the fair policy: its adapter, or its `user`."""
 
 
 T = TypeVar("T")
@@ -72,6 +76,14 @@ class Server:
         if model in self.engine.engine.registry or jit_path(self.jit_root, model):
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist.")
+
+    def schedule_as(self, priority: int, user: str | None) -> tuple[int, str | None]:
+        """(priority, tenant) for the engine; tenant None: the adapter's name."""
+        if priority != 0 and self.settings.scheduling_policy != "priority":
+            raise InvalidRequestError(
+                f"priority: this server schedules with {self.settings.scheduling_policy!r}; "
+                "request priorities need --scheduling-policy priority")
+        return priority, (user or "") if self.settings.tenant_from == "user" else None
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
