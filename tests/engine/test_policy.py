@@ -175,3 +175,22 @@ def test_preemption_takes_from_the_most_served_tenant() -> None:
     for s in list(sched.running) + list(sched.waiting):
         sched.finish(s, "stop")
     assert sched.blocks.num_free == 3 and dict(sched.policy.live) == {}
+
+
+def test_service_and_time_in_queue_are_counted_per_tenant() -> None:
+    """The scheduler counts every computed token for its tenant and reports each admission
+    with the time it queued (a clock set by the test)."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64),
+                      BlockManager(16, 4), AdapterSlots(1))
+    now = [10.0]
+    sched.clock = lambda: now[0]
+    admitted: list[tuple[int, float]] = []
+    sched.on_admit = lambda s: admitted.append((s.seq_id, now[0] - s.queued_at))
+    sched.add(seq(0, "a", prompt_len=5))
+    now[0] = 11.0
+    sched.add(seq(1, "b", prompt_len=3))
+    now[0] = 12.5
+    done = run(sched, 6)
+    assert done == [0, 1]
+    assert admitted == [(0, 2.5), (1, 1.5)]  # b queued at 11, admitted at 12.5
+    assert dict(sched.service) == {"a": 5 + 1, "b": 3 + 1}  # prompt, then one decode step

@@ -65,13 +65,21 @@ def test_a_flood_does_not_hold_back_another_tenant(fair_server: Running) -> None
             alone = client.post("/v1/completions", json=body("b", k)).json()
             assert alone["choices"][0]["text"] == \
                 answers[A_REQUESTS + k]["choices"][0]["text"]
+        metrics = client.get("/metrics").text
+    # per tenant: every token computed (4 prompt + 24 generated, the last not fed back: 27),
+    # time in queue once per request, the fair counter (prompt 1, generated 2 per token)
+    assert 'punica_tenant_service_tokens{tenant="a"} 864.0' in metrics
+    assert f'punica_tenant_queue_seconds_count{{tenant="a"}} {float(A_REQUESTS)}' in metrics
+    assert f'punica_tenant_queue_seconds_count{{tenant="b"}} {float(2 * B_REQUESTS)}' in metrics
+    assert 'punica_tenant_fair_counter{tenant="a"} 1600.0' in metrics
+    assert 'punica_tenant_requests_waiting{tenant' not in metrics  # nothing left queued
 
 
 def test_priority_needs_the_priority_policy(fair_server: Running) -> None:
     r = httpx.post(f"{fair_server.url}/v1/completions", headers=HEADERS, timeout=30,
-                   json={**body("a", 0), "priority": 3})
+                   json={**body("c", 0), "priority": 3})
     assert r.status_code == 400
     assert "--scheduling-policy priority" in r.json()["error"]["message"]
     ok = httpx.post(f"{fair_server.url}/v1/completions", headers=HEADERS, timeout=30,
-                    json={**body("a", 0), "priority": 0})
+                    json={**body("c", 0), "priority": 0})
     assert ok.status_code == 200

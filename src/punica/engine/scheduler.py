@@ -17,7 +17,8 @@ an adapter a running request uses.
 
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,9 +93,15 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.policy = make_policy(config.policy, dict(config.tenant_weights))
+        self.clock: Callable[[], float] = time.perf_counter
+        self.service: Counter[str] = Counter()
+        """Tokens computed per tenant (prompt and generated, recomputation included)."""
+        self.on_admit: Callable[[Sequence], None] | None = None
+        """Called with each sequence admitted (its queued_at still set: time in queue)."""
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
+        seq.queued_at = self.clock()
         self.waiting.append(seq)
         self.policy.arrived(seq)
 
@@ -107,6 +114,8 @@ class Scheduler:
         self.policy.charge(out.scheduled)  # the running ones' tokens, before admission
         if not out.preempted:
             self._admit_waiting(out, budget)
+        for s in out.scheduled:
+            self.service[s.seq.tenant] += s.num_new_tokens
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -159,6 +168,8 @@ class Scheduler:
             self.blocks.allocate(seq.seq_id, seq.num_computed + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            if self.on_admit is not None:
+                self.on_admit(seq)
             out.scheduled.append(ScheduledSeq.of(seq, n))
             self.policy.charge(out.scheduled[-1:])  # counted now: the next pick sees it
             budget -= n
@@ -168,6 +179,7 @@ class Scheduler:
         self._release(seq)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
+        seq.queued_at = self.clock()
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

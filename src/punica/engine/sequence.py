@@ -40,6 +40,8 @@ class Sequence:
     """Whose request this is, for fair scheduling (default: its adapter; "" the base model)."""
     priority: int = 0
     """Lower runs first under the priority policy."""
+    queued_at: float = 0.0
+    """When it last joined the queue (the scheduler's clock): arrival, or its preemption."""
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from punica.engine.llm_engine import LLMEngine
+from punica.server.tenant_metrics import TenantMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -86,6 +87,7 @@ class Metrics:
                 lambda: arena.fallbacks)
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
+        self.tenants = TenantMetrics(sched, r)
 
     def observe(self, adapter: str | None, prompt_tokens: int, generated: int,
                 reason: str | None, ttft: float | None, tpot: float | None) -> None:
