@@ -2,7 +2,7 @@
 # One device call: GPU tests, then benchmarks; logs and JSON go to $OUT (default ./gpu_out).
 # Pass PUNICA_COMMIT as a literal hash taken here: `git rev-parse` on the device reads its copy's
 # .git, whose HEAD is not the tree that runs (two JSONs of 1ba5335 were labelled 70356de).
-# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op slices decode textgen adapters adapter_latency \
+# Usage: PUNICA_COMMIT=$(git rev-parse HEAD) [STEPS="tests lora_op slices decode textgen adapters adapter_latency fairness convoy \
 #        row_probe decode_split profile textgen_profile serve cluster mg_scale1 mg_scale2 mg_ramp mg_migrate"] [TESTS="tests/ops -k row"] \
 #        [TEXTGEN_ARGS="--num-requests 200"] bash scripts/gpu_check.sh
 # Extra arguments go to the lora_op benchmark (e.g. --sweep).
@@ -178,6 +178,9 @@ for step in $STEPS; do
                | tee "$OUT/textgen.log" ;;
     adapters) python3 -m punica.bench.adapters --out-dir "$OUT" --root /tmp/adapter_root \
                 ${ADAPTERS_ARGS:-} 2>&1 | tee "$OUT/adapters.log" ;;
+    fairness) python3 -m punica.bench.fairness --out-dir "$OUT" ${FAIRNESS_ARGS:-} 2>&1 \
+                | tee "$OUT/fairness.log" ;;
+    convoy) python3 scripts/convoy_probe.py "$OUT" 2>&1 | tee "$OUT/convoy_probe.log" ;;
     adapter_latency) python3 -m punica.bench.adapter_latency --out-dir "$OUT" \
                        --root /tmp/adapter_latency_root ${ADAPTER_LATENCY_ARGS:-} 2>&1 \
                        | tee "$OUT/adapter_latency.log" ;;

@@ -9,6 +9,7 @@ import sys
 BENCHES = {
     "adapter-latency": "punica.bench.adapter_latency",
     "adapters": "punica.bench.adapters",
+    "fairness": "punica.bench.fairness",
     "decode": "punica.bench.decode",
     "lora-op": "punica.bench.lora_op",
     "lora-slices": "punica.bench.lora_slices",

@@ -158,3 +158,23 @@ def test_adapters_bench_smoke(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="rate differ"):
         main(["bench", "adapters", "--merge", str(tmp_path / "s1.json"),
               str(tmp_path / "s2.json"), "--out-dir", str(merged_dir)])
+
+
+def test_fairness_bench_smoke(tmp_path: Path) -> None:
+    """The fairness bench: a alone, then a and b under fcfs and fair, on one trace."""
+    from punica.bench.fairness import trace
+
+    rc = main(["bench", "fairness", "--arch", "tiny", "--device", "cpu", "--num-requests", "6",
+               "--rate", "60", "--flood", "3", "--maxlen", "24", "--max-num-seqs", "2",
+               "--kv-cache-bytes", str(4 << 20), "--out-dir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "fairness.json").read_text())
+    alone, fcfs, fair = result["rows"]
+    assert [r["run"] for r in result["rows"]] == ["a alone", "fcfs", "fair"]
+    reqs = trace(6, 60.0, 3.0, 24, 0)
+    n_b = sum(t == "b" for _, t, _, _ in reqs)
+    assert n_b > 0 and "b" not in alone and alone["a"]["requests"] == 6
+    assert fcfs["b"]["requests"] == fair["b"]["requests"] == n_b
+    assert alone["drift"] == 0 and fair["drift"] >= 0
+    assert result["bound"] == 2 * max(p + 2 * o for _, _, p, o in reqs)
+    assert set(result["meets"]) == {"a_ttft", "a_throughput", "drift", "total"}

@@ -193,4 +193,5 @@ def test_service_and_time_in_queue_are_counted_per_tenant() -> None:
     done = run(sched, 6)
     assert done == [0, 1]
     assert admitted == [(0, 2.5), (1, 1.5)]  # b queued at 11, admitted at 12.5
-    assert dict(sched.service) == {"a": 5 + 1, "b": 3 + 1}  # prompt, then one decode step
+    assert dict(sched.service) == {("a", "prompt"): 5, ("a", "generated"): 1,
+                                   ("b", "prompt"): 3, ("b", "generated"): 1}

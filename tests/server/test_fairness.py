@@ -68,7 +68,8 @@ def test_a_flood_does_not_hold_back_another_tenant(fair_server: Running) -> None
         metrics = client.get("/metrics").text
     # per tenant: every token computed (4 prompt + 24 generated, the last not fed back: 27),
     # time in queue once per request, the fair counter (prompt 1, generated 2 per token)
-    assert 'punica_tenant_service_tokens{tenant="a"} 864.0' in metrics
+    assert 'punica_tenant_service_tokens{kind="prompt",tenant="a"} 128.0' in metrics
+    assert 'punica_tenant_service_tokens{kind="generated",tenant="a"} 736.0' in metrics
     assert f'punica_tenant_queue_seconds_count{{tenant="a"}} {float(A_REQUESTS)}' in metrics
     assert f'punica_tenant_queue_seconds_count{{tenant="b"}} {float(2 * B_REQUESTS)}' in metrics
     assert 'punica_tenant_fair_counter{tenant="a"} 1600.0' in metrics

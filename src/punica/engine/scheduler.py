@@ -94,8 +94,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.policy = make_policy(config.policy, dict(config.tenant_weights))
         self.clock: Callable[[], float] = time.perf_counter
-        self.service: Counter[str] = Counter()
-        """Tokens computed per tenant (prompt and generated, recomputation included)."""
+        self.service: Counter[tuple[str, str]] = Counter()
+        """Tokens computed per (tenant, "prompt" | "generated"): positions of the prompt, and
+        of generated tokens fed back (recomputation after a preemption included)."""
         self.on_admit: Callable[[Sequence], None] | None = None
         """Called with each sequence admitted (its queued_at still set: time in queue)."""
 
@@ -115,7 +116,9 @@ class Scheduler:
         if not out.preempted:
             self._admit_waiting(out, budget)
         for s in out.scheduled:
-            self.service[s.seq.tenant] += s.num_new_tokens
+            prompt = max(0, min(s.start + s.num_new_tokens, len(s.seq.prompt_ids)) - s.start)
+            self.service[s.seq.tenant, "prompt"] += prompt
+            self.service[s.seq.tenant, "generated"] += s.num_new_tokens - prompt
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:

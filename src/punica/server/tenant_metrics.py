@@ -47,20 +47,27 @@ class TenantMetrics:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         sched = self.scheduler  # snapshots first: the engine thread changes these meanwhile
         # (list() and dict() of a deque, list or dict copy them without running Python code)
-        waiting, running, service = list(sched.waiting), list(sched.running), dict(sched.service)
+        waiting, running = list(sched.waiting), list(sched.running)
+        service = dict(sched.service)
         families = {
             "waiting": ("punica_tenant_requests_waiting", "Sequences waiting, by tenant",
                         Counter(s.tenant for s in waiting)),
             "running": ("punica_tenant_requests_running", "Sequences running, by tenant",
                         Counter(s.tenant for s in running)),
-            "service": ("punica_tenant_service_tokens",
-                        "Tokens computed for the tenant (prompt and generated, cumulative)",
-                        service),
         }
         counters = getattr(sched.policy, "counters", None)
         if counters is not None:
             families["counter"] = ("punica_tenant_fair_counter", "The fair policy's weighted "
                                    "service counter of the tenant", dict(counters))
+        tokens = GaugeMetricFamily("punica_tenant_service_tokens", "Tokens computed for the "
+                                   "tenant, by kind (prompt, generated; cumulative)",
+                                   labels=["tenant", "kind"])
+        merged_tokens: Counter[tuple[str, str]] = Counter()
+        for (tenant, kind), value in service.items():
+            merged_tokens[self.label(tenant), kind] += value
+        for (label, kind), value in sorted(merged_tokens.items()):
+            tokens.add_metric([label, kind], float(value))
+        yield tokens
         for name, doc, values in families.values():
             family = GaugeMetricFamily(name, doc, labels=["tenant"])
             merged: Counter[str] = Counter()
