@@ -77,3 +77,14 @@ class ConfigError(PunicaError, ValueError):
 
 class ClusterStartError(PunicaError, RuntimeError):
     """The cluster's engines could not start (resources missing, a bad model or flags)."""
+
+
+class RateLimitedError(PunicaError, RuntimeError):
+    """A tenant is past one of its limits (in flight, tokens per minute): 429, with the seconds
+    after which the same request would be accepted (Retry-After)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

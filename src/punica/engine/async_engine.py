@@ -59,6 +59,7 @@ class _Stream:
     adapter: str | None = None
     prompt_tokens: int = 0
     start: float = 0.0
+    tenant: str = ""
 
 
 def _queue_sink(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Sink:
@@ -110,6 +111,10 @@ class AsyncEngine:
         """Sequences of the requests opened and not yet finished (a request counts n)."""
         return sum(s.n for s in list(self._streams.values()))
 
+    def in_flight_of(self, tenant: str) -> int:
+        """`in_flight` of one tenant's requests (tenant as in `open`)."""
+        return sum(s.n for s in list(self._streams.values()) if s.tenant == tenant)
+
     def submit(self, job: Callable[[], None]) -> None:
         """Run job() on the engine thread, after the jobs submitted before it (any thread).
         An error it raises is logged; the loop goes on."""
@@ -129,7 +134,8 @@ class AsyncEngine:
         rid = f"req-{next(self._ids)}"
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         self._streams[rid] = _Stream(_queue_sink(loop, updates), params.n, updates, adapter,
-                                     len(prompt_ids), time.perf_counter())
+                                     len(prompt_ids), time.perf_counter(),
+                                     tenant if tenant is not None else (adapter or ""))
         self.submit(lambda: self._add(rid, prompt_ids, params, adapter, priority, tenant))
         return rid
 

@@ -80,7 +80,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings,
         status = getattr(err, "status", 500)
         if status >= 500 and status != 503:
             log.error("request failed: %s", err)
-        return error_response(str(err), status, retry_after_s=retry)
+        return error_response(str(err), status,
+                              retry_after_s=getattr(err, "retry_after_s", retry))
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, err: RequestValidationError) -> JSONResponse:

@@ -82,6 +82,11 @@ def add_serve_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tenant-from", choices=("adapter", "user"), default="adapter",
                     help="fair: whose service a request counts as: its adapter (the base model "
                          "is one tenant) or its `user` field (absent: one anonymous tenant)")
+    ap.add_argument("--tenant-max-in-flight", type=int, metavar="N",
+                    help="most sequences one tenant may have in flight (429 past it)")
+    ap.add_argument("--tenant-tokens-per-minute", type=int, metavar="N",
+                    help="most tokens (prompt + max_tokens per completion) one tenant may be "
+                         "admitted per minute (429 with Retry-After past it)")
     ap.add_argument("--tenant-weights", metavar="FILE",
                     help="fair: JSON object of tenant -> weight (default 1; weight 2 gets "
                          "twice the service when both are backlogged)")
@@ -187,12 +192,18 @@ def serve(ns: argparse.Namespace) -> int:
     setup_logging(ns.log_level)
     apply_demo_defaults(ns)
     check_names(ns)
+    for flag in ("tenant_max_in_flight", "tenant_tokens_per_minute"):
+        if getattr(ns, flag) is not None and getattr(ns, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: expected >= 1, got "
+                              f"{getattr(ns, flag)}")
     key = api_key(ns)
     sock = bind(ns.host, ns.port)
     engine = build_engine(spec_from_args(ns))
     settings = ServerSettings(served_name(ns), key, ns.lora_root, ns.max_n, ns.max_prompts,
                               ns.max_request_bytes, scheduling_policy=ns.scheduling_policy,
-                              tenant_from=ns.tenant_from)
+                              tenant_from=ns.tenant_from,
+                              tenant_max_in_flight=ns.tenant_max_in_flight,
+                              tenant_tokens_per_minute=ns.tenant_tokens_per_minute)
     log.info("serving %s with adapters %s on http://%s:%d (API key %s)",
              settings.served_model_name, engine.list_loras(), ns.host, ns.port,
              "required" if key else "off")

@@ -13,8 +13,9 @@ from typing import TypeVar
 
 from punica.engine.async_engine import AsyncEngine
 from punica.engine.outputs import RequestOutput
-from punica.errors import AdapterNotFoundError, InvalidRequestError
+from punica.errors import AdapterNotFoundError, InvalidRequestError, RateLimitedError
 from punica.lora.registry import jit_path
+from punica.server.tenant_limits import TokenWindows
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class ServerSettings:
     """The engine's (a request's `priority` other than 0 is refused unless it is priority)."""
     tenant_from: str = "adapter"
     """Whose service a request counts as under the fair policy: its adapter, or its `user`."""
+    tenant_max_in_flight: int | None = None
+    """Most sequences one tenant may have in flight (429 past it; None: no limit)."""
+    tenant_tokens_per_minute: int | None = None
+    """Most tokens (prompt + max_tokens, per completion) one tenant may be admitted per minute
+    (429 past it, with Retry-After; None: no limit)."""
 
 
 T = TypeVar("T")
@@ -45,6 +51,8 @@ T = TypeVar("T")
 class Server:
     def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
         self.engine, self.settings = engine, settings
+        tpm = settings.tenant_tokens_per_minute
+        self.token_windows = TokenWindows(tpm) if tpm is not None else None
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self._ids = itertools.count()
@@ -76,6 +84,21 @@ class Server:
         if model in self.engine.engine.registry or jit_path(self.jit_root, model):
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist.")
+
+    def check_in_flight(self, tenant: str, sequences: int) -> None:
+        """RateLimitedError (429) when `sequences` more would put the tenant past its limit."""
+        cap = self.settings.tenant_max_in_flight
+        if cap is not None:
+            now = self.engine.in_flight_of(tenant)
+            if now + sequences > cap:
+                raise RateLimitedError(f"tenant {tenant or 'base'!r} has {now} sequences in "
+                                       f"flight, its limit is {cap}",
+                                       self.settings.retry_after_s)
+
+    def charge_tokens(self, tenant: str, tokens: int) -> None:
+        """Charge an admitted request's possible tokens (RateLimitedError past the limit)."""
+        if self.token_windows is not None:
+            self.token_windows.charge(tenant, tokens)
 
     def schedule_as(self, priority: int, user: str | None) -> tuple[int, str | None]:
         """(priority, tenant) for the engine; tenant None: the adapter's name."""
