@@ -77,9 +77,11 @@ class LoraConfig:
         if self.max_loras < 0 or self.max_lora_rank < 1 or (
                 self.max_cpu_loras is not None and self.max_cpu_loras < 1) or (
                 self.pinned_lora_bytes is not None and self.pinned_lora_bytes < 0) or \
-                self.loader_processes < 0:
+                self.loader_processes < 0 or (
+                self.loader_processes > 0 and self.loader_threads == 0):
             raise ValueError("max_loras >= 0, max_lora_rank >= 1, max_cpu_loras >= 1, "
-                             "pinned_lora_bytes >= 0 and loader_processes >= 0 expected, got "
+                             "pinned_lora_bytes >= 0 and loader_processes >= 0 (and loader "
+                             "threads to wait on them) expected, got "
                              f"{self.max_loras}, {self.max_lora_rank}, {self.max_cpu_loras}, "
                              f"{self.pinned_lora_bytes}, {self.loader_processes}")
 

@@ -94,6 +94,7 @@ def test_fair_lifts_an_arriving_tenant_to_the_least_served_backlogged_one() -> N
     fair.finished(a)
     fair.finished(c)
     assert dict(fair.live) == {"b": 1}
+    assert fair.counters == {"b": 12.0}  # a and c, idle at or below b, are forgotten
     fair.arrived(seq(3, "a"))  # back after being idle: lifted to b's 12 (its 4 was banked)
     assert fair.counters["a"] == 12.0
     fair.finished(b)
@@ -195,3 +196,63 @@ def test_service_and_time_in_queue_are_counted_per_tenant() -> None:
     assert admitted == [(0, 2.5), (1, 1.5)]  # b queued at 11, admitted at 12.5
     assert dict(sched.service) == {("a", "prompt"): 5, ("a", "generated"): 1,
                                    ("b", "prompt"): 3, ("b", "generated"): 1}
+
+
+def test_a_victim_scheduled_earlier_in_the_step_leaves_it() -> None:
+    """priority, 2 blocks of 4 tokens: low (value 9) is first in the running list and decodes
+    within its block; high (value 0) needs a second block: low is preempted although it was
+    scheduled first in this step, and its token goes back to the budget."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                      policy="priority"), BlockManager(2, 4), AdapterSlots(1))
+    low, high = seq(0, priority=9, prompt_len=3), seq(1, priority=0, prompt_len=4)
+    sched.add(low)
+    sched.add(high)
+    out = sched.schedule()
+    assert ids([s.seq for s in out.scheduled]) == [1, 0]  # by priority: high first
+    sched.advance(out)
+    for s in (low, high):
+        s.output_ids.append(7)
+    sched.running.reverse()  # low first in the running list
+    out = sched.schedule()
+    assert ids(out.preempted) == [0] and ids([s.seq for s in out.scheduled]) == [1]
+    assert out.num_tokens == 1 and sched.waiting[0] is low and sched.blocks.num_free == 0
+    sched.finish(high, "stop")
+    sched.finish(low, "stop")
+    assert sched.blocks.num_free == 2
+
+
+def test_a_sequence_that_preempts_itself_leaves_the_rest_scheduled() -> None:
+    """priority: low needs a block and is itself the policy's victim; the sequences after it in
+    the running list are still scheduled in the same step."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                      policy="priority"), BlockManager(2, 4), AdapterSlots(1))
+    low, high = seq(0, priority=9, prompt_len=4), seq(1, priority=0, prompt_len=3)
+    sched.add(low)
+    sched.add(high)
+    out = sched.schedule()
+    sched.advance(out)
+    for s in (low, high):
+        s.output_ids.append(7)
+    sched.running.reverse()  # low first: it needs a 2nd block, high decodes in its own
+    out = sched.schedule()
+    assert ids(out.preempted) == [0] and ids([s.seq for s in out.scheduled]) == [1]
+    sched.finish(high, "stop")
+    sched.finish(low, "stop")
+    assert sched.blocks.num_free == 2
+
+
+def test_service_counts_recomputation_once_and_caps_tenants(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from punica.engine import scheduler as scheduler_module
+
+    sched = Scheduler(SchedulerConfig(), BlockManager(4, 4), AdapterSlots(1))
+    s = seq(0, "a", prompt_len=4)
+    sched._count_service([Sched(s, 4, 0), Sched(s, 1, 4)])
+    sched._count_service([Sched(s, 5, 0)])  # preempted and recomputed: nothing new
+    sched._count_service([Sched(s, 1, 5)])
+    assert dict(sched.service) == {("a", "prompt"): 4, ("a", "generated"): 2}
+    monkeypatch.setattr(scheduler_module, "MAX_TENANTS", 2)
+    for k, t in enumerate(("b", "c", "d")):
+        sched._count_service([Sched(seq(k + 1, t, prompt_len=2), 2, 0)])
+    assert {k[0] for k in sched.service} == {"a", "b", scheduler_module.OTHER_TENANT}
+    assert sched.service[scheduler_module.OTHER_TENANT, "prompt"] == 4

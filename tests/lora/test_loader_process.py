@@ -51,8 +51,12 @@ def test_weights_equal_a_read_in_this_process(setup: tuple, name: str) -> None:
     for proj, st in want.stacked.items():
         assert torch.equal(got.stacked[proj].A, st.A) and torch.equal(got.stacked[proj].Bt, st.Bt)
     used = reader.arena.ranges.used
+    block = reader.arena.ranges._size[got.blocks.offsets[0]]  # shrunk to what it holds:
+    tensors = sum(t.numel() * t.element_size() for m in want.modules.values() for t in (m.A, m.B))
+    assert tensors <= block < tensors + 2 * 256 * (len(want.modules) + 1)
+    assert block < reader.estimate(tmp / name)
     got.blocks.release()
-    assert reader.arena.ranges.used < used
+    assert reader.arena.ranges.used == used - block
 
 
 def test_a_bad_adapter_fails_with_its_reason_and_frees_its_block(setup: tuple) -> None:

@@ -36,6 +36,19 @@ def test_ranges_first_fit_aligned_and_coalesced() -> None:
         r.free(c)
 
 
+def test_a_range_shrinks_and_frees_its_tail() -> None:
+    r = RangeAllocator(8 * ALIGN)
+    a, b = r.alloc(4 * ALIGN), r.alloc(2 * ALIGN)
+    r.shrink(a, ALIGN + 1)  # keeps two aligned units, frees the other two
+    assert r.used == 4 * ALIGN and r.free_ranges() == [(2 * ALIGN, 4 * ALIGN),
+                                                       (6 * ALIGN, 8 * ALIGN)]
+    r.shrink(a, 8 * ALIGN)  # never grows
+    assert r.used == 4 * ALIGN
+    r.free(a)
+    r.free(b)
+    assert r.free_ranges() == [(0, 8 * ALIGN)] and r.used == 0
+
+
 class FakeEvent:
     def __init__(self) -> None:
         self.done = False

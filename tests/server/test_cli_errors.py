@@ -26,6 +26,8 @@ def run_serve(*args: str) -> subprocess.CompletedProcess:
     (["--lora-modules", "x=/nonexistent-dir"], "no adapter_config.json"),
     (["--lora-modules", "bad$name=/tmp"], "lora_name: expected"),
     (["--api-key-file", "/nonexistent-file"], "--api-key-file"),
+    (["--tenant-max-in-flight", "0"], "--tenant-max-in-flight: expected >= 1"),
+    (["--tenant-weights", "/nonexistent-file"], "--tenant-weights"),
 ])
 def test_bad_flags_fail_in_one_line(checkpoint: Running, args: list[str], needle: str) -> None:
     done = run_serve("--model", str(checkpoint.model_dir), *args)
@@ -42,3 +44,15 @@ def test_a_busy_port_fails_before_the_model_loads(checkpoint: Running) -> None:
     # The model directory does not exist: had the port been checked after the model, the
     # error would be about the model.
     assert done.returncode == 2 and "cannot listen" in done.stderr, done.stderr
+
+
+def test_the_cluster_refuses_tenant_flags_it_would_ignore(checkpoint: Running) -> None:
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "punica.cli", "cluster", "--device", "cpu",
+                           "--model", str(checkpoint.model_dir), "--scheduling-policy", "fair",
+                           "--tenant-tokens-per-minute", "100"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "--scheduling-policy, --tenant-tokens-per-minute: not supported by punica cluster" \
+        in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -85,3 +85,21 @@ def test_tokens_per_minute_answers_429_with_retry_after(limited: Running) -> Non
         huge = client.post("/v1/completions", json={**body("tpm2", 58), "n": 2})
         assert huge.status_code == 400  # 2 x (4 + 58) = 124: more than a whole minute's
         assert "tokens per minute" in huge.json()["error"]["message"]
+
+
+def test_refunds_and_sweeps_keep_the_windows_exact() -> None:
+    from punica.server import tenant_limits
+
+    now = [0.0]
+    w = TokenWindows(100, clock=lambda: now[0])
+    w.charge("a", 40)
+    w.charge("a", 30)
+    w.refund("a", 30)  # the request was then refused
+    assert w.used("a") == 40
+    w.refund("a", 40)
+    assert w._charges == {} and w._sums == {}
+    for k in range(tenant_limits.SWEEP_EVERY - 3):  # one-off tenants (2 charges of a before)
+        w.charge(f"u{k}", 1)
+    now[0] = 61.0
+    w.charge("last", 1)  # the sweep: every expired window goes, not only the charged one's
+    assert list(w._charges) == ["last"] and list(w._sums) == ["last"]

@@ -8,7 +8,9 @@ run and tenant: TTFT p50/p90, tokens per second over the tenant's own span (its 
 its last finish); the total throughput; and while both tenants are
 backlogged, how far their service drifts apart: the largest change of W_a - W_b over any interval
 of a backlogged period, W the tokens computed weighted as the fair policy counts them (prompt 1,
-generated 2), beside 2 x the largest request's weighted tokens (`bound`). Targets: under fair,
+generated 2, recomputation not counted, as the policy counts it), beside 2 x the largest
+request's weighted tokens (`bound`); a tenant is backlogged while it has requests queued.
+Targets: under fair,
 a's TTFT and throughput within 1.5x of alone, the drift under the bound, the total within 3% of
 fcfs.
 """
@@ -92,8 +94,8 @@ def replay(engine: LLMEngine, reqs: list[Request], vocab: int, label: str) -> di
                 finish[out.request_id] = time.perf_counter() - start
                 done += 1
         sched = engine.scheduler
-        live = {s.tenant for s in (*sched.waiting, *sched.running)}
-        if {"a", "b"} <= live:  # both backlogged: the drift of W_a - W_b in this period
+        queued = {s.tenant for s in sched.waiting}
+        if {"a", "b"} <= queued:  # both backlogged (requests queued): W_a - W_b's drift
             service = dict(sched.service)
             d = weighted(service, "a") - weighted(service, "b")
             lo = d if lo is None else min(lo, d)

@@ -60,8 +60,9 @@ def read_GBps(path: Path, chunked: bool = False) -> float:
     or (`chunked`) as the adapter loader reads, in chunks side by side into a scratch buffer."""
     if chunked:
         from punica.lora.files import read_file
-        from punica.lora.read_buffer import scratch
+        from punica.lora.read_buffer import scratch, use_scratch
 
+        use_scratch()
         start = time.perf_counter()
         found = read_file(path.parent, path.name, None, as_tensor=True, into=scratch)
         assert found is not None

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from punica.errors import ClusterStartError
+from punica.errors import ClusterStartError, ConfigError
 from punica.server.engine_spec import EngineSpec
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,18 @@ def add_cluster_routes(app: object, cluster: object, base_name: str) -> None:
         return await cluster.status(base_name)
 
 
+def _refuse_tenant_flags(ns: argparse.Namespace) -> None:
+    """The cluster's frontend queue is FCFS and it keeps no per-tenant limits yet: say so
+    rather than start with flags that would do nothing."""
+    given = [f"--{flag.replace('_', '-')}" for flag, default in (
+        ("scheduling_policy", "fcfs"), ("tenant_from", "adapter"), ("tenant_weights", None),
+        ("tenant_max_in_flight", None), ("tenant_tokens_per_minute", None))
+        if getattr(ns, flag, default) != default]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not supported by punica cluster yet (its "
+                          "queue is first come, first served); use punica serve")
+
+
 def add_cluster_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-engines", type=int, default=2, help="engine actors (one LLMEngine "
                     "each)")
@@ -131,6 +143,7 @@ def run_cluster(ns: argparse.Namespace) -> int:
     setup_logging(ns.log_level)
     apply_demo_defaults(ns)
     check_names(ns)
+    _refuse_tenant_flags(ns)
     key = api_key(ns)
     sock = bind(ns.host, ns.port)
     _absolute_paths(ns)

@@ -133,9 +133,10 @@ class ModelRunner:
         previous adapter has no running request (slots.py: only unpinned slots are evicted), a
         request keeps its slot pinned until the step that finishes it has been settled, and a
         step that preempts admits nobody (so nothing is filled while the preempted request's
-        last step is in flight). A request aborted or failed while its step is in flight
-        unpins its slot early; that row may then read a slot being overwritten, and its output
-        is discarded (rows never mix)."""
+        last step is in flight). A request aborted or failed while its step is in flight, or one
+        that stops when step k is settled while it already has a row in step k+1 (async
+        scheduling), unpins its slot early; that row may then read a slot being overwritten,
+        and its output is discarded (rows never mix)."""
         assert self.lora_pool is not None
         if self.fill_stream is None:
             self.lora_pool.load(slot, weights)

@@ -155,6 +155,18 @@ class Fair:
             self.live[seq.tenant] -= 1
         if self.live[seq.tenant] == 0:
             del self.live[seq.tenant]
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget idle tenants whose counter is at most the least-served busy tenant's: the
+        lift would raise them to at least that level on their return anyway (the minimum over
+        busy tenants never falls while any is busy), so the state stays as small as the set of
+        tenants that were served more than the others."""
+        if not self.live:
+            return
+        floor = min(self.counters.get(t, 0.0) for t in self.live)
+        for t in [t for t, c in self.counters.items() if t not in self.live and c <= floor]:
+            del self.counters[t]
 
 
 def make_policy(name: str, weights: Mapping[str, float] | None = None) -> SchedulingPolicy:

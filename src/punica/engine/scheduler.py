@@ -27,6 +27,11 @@ from punica.engine.policy import POLICIES, make_policy
 from punica.engine.sequence import SeqStatus, Sequence
 from punica.lora.slots import AdapterSlots
 
+MAX_TENANTS = 4096
+"""Tenants `Scheduler.service` keeps apart (tenants may be client-chosen `user` strings)."""
+OTHER_TENANT = "\0other"
+"""Where the service of tenants past MAX_TENANTS is counted."""
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -95,8 +100,10 @@ class Scheduler:
         self.policy = make_policy(config.policy, dict(config.tenant_weights))
         self.clock: Callable[[], float] = time.perf_counter
         self.service: Counter[tuple[str, str]] = Counter()
-        """Tokens computed per (tenant, "prompt" | "generated"): positions of the prompt, and
-        of generated tokens fed back (recomputation after a preemption included)."""
+        """Tokens served per (tenant, "prompt" | "generated"): positions of the prompt, and of
+        generated tokens fed back; recomputation after a preemption is not counted again. Past
+        MAX_TENANTS tenants the others are counted as OTHER_TENANT."""
+        self._served: dict[int, int] = {}  # seq_id -> positions counted in `service`
         self.on_admit: Callable[[Sequence], None] | None = None
         """Called with each sequence admitted (its queued_at still set: time in queue)."""
 
@@ -115,32 +122,55 @@ class Scheduler:
         self.policy.charge(out.scheduled)  # the running ones' tokens, before admission
         if not out.preempted:
             self._admit_waiting(out, budget)
-        for s in out.scheduled:
-            prompt = max(0, min(s.start + s.num_new_tokens, len(s.seq.prompt_ids)) - s.start)
-            self.service[s.seq.tenant, "prompt"] += prompt
-            self.service[s.seq.tenant, "generated"] += s.num_new_tokens - prompt
+        self._count_service(out.scheduled)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
+    def _count_service(self, scheduled: list[ScheduledSeq]) -> None:
+        for s in scheduled:
+            end = s.start + s.num_new_tokens
+            begin = max(s.start, self._served.get(s.seq.seq_id, 0))
+            if end <= begin:
+                continue
+            self._served[s.seq.seq_id] = end
+            tenant = s.seq.tenant
+            if (tenant, "prompt") not in self.service and \
+                    len(self.service) >= 2 * MAX_TENANTS:
+                tenant = OTHER_TENANT
+            prompt = max(0, min(end, len(s.seq.prompt_ids)) - begin)
+            self.service[tenant, "prompt"] += prompt
+            self.service[tenant, "generated"] += end - begin - prompt
+
+    def _schedule_running(self, out: SchedulerOutput, total: int) -> int:
+        """Schedule the running sequences within `total` tokens (out.scheduled starts empty);
+        returns the budget left."""
+        i, budget = 0, total
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
             if n == 0:  # its next token is still being sampled (async scheduling): skip
                 i += 1
                 continue
-            while not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
-                # (only from those not scheduled yet in this step: seq and those after it)
-                victim = self.policy.victim(self.running[i:])
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    return budget
+            if not self._make_room(out, seq, n):
+                continue  # seq itself was the victim: running[i] is the next one now
+            i = self.running.index(seq)  # victims before it have left the list
             self.blocks.allocate(seq.seq_id, seq.num_computed + n)
             out.scheduled.append(ScheduledSeq.of(seq, n))
-            budget -= n
+            budget = total - out.num_tokens  # (a victim's tokens came back)
             i += 1
         return budget
+
+    def _make_room(self, out: SchedulerOutput, seq: Sequence, n: int) -> bool:
+        """Preempt the policy's victims (any running sequence) until `seq` can take `n` more
+        tokens; False when seq itself was preempted. A victim scheduled earlier in this step
+        leaves the step (its tokens go back to the budget)."""
+        while not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
+            victim = self.policy.victim(self.running)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+            out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+        return True
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """In the policy's order among the requests whose adapter is ready: the first of those
@@ -200,6 +230,7 @@ class Scheduler:
         """Stop a running or waiting sequence: free its blocks and its adapter slot."""
         if seq.status is not SeqStatus.FINISHED:
             self.policy.finished(seq)
+            self._served.pop(seq.seq_id, None)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self._release(seq)

@@ -109,6 +109,7 @@ def _read_tensor(f: io.RawIOBase, size: int,
     bounds = [size * k // streams for k in range(streams + 1)]
     parts = [_reader().submit(_pread, f.fileno(), view[a:b], a)
              for a, b in itertools.pairwise(bounds)]
+    concurrent.futures.wait(parts)  # every chunk done before the descriptor can be closed
     got = [part.result() for part in parts]  # each raises its OSError here
     if got != [b - a for a, b in itertools.pairwise(bounds)]:
         return buf[:sum(got)]  # the file ended early: the caller sees the size change

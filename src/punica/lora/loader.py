@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from punica.lora.peft import AdapterWeights
+from punica.lora.read_buffer import use_scratch
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class AdapterLoader:
         """`on_done()` is called on the loader thread after each load (e.g. to wake the engine
         thread, which may be waiting for nothing but loads)."""
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max(1, threads), thread_name_prefix="punica-lora-load")
+            max(1, threads), thread_name_prefix="punica-lora-load", initializer=use_scratch)
         self._lock = threading.Lock()
         self._running: dict[Key, concurrent.futures.Future] = {}
         self._done: list[LoadResult] = []

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WAIT_S = 120.0
+"""Longest a loader thread waits for a free process (all busy, or one being replaced)."""
+
 TensorAt = tuple[int, tuple[int, ...]]
 """(byte offset in the arena buffer, shape) of a contiguous tensor in the pool's dtype."""
 
@@ -97,7 +100,9 @@ def _serve(conn: multiprocessing.connection.Connection, buffer: torch.Tensor, ar
            max_rank: int, allow_pickle: bool, dtype: torch.dtype) -> None:
     """A loader process: load each job into its block until told to stop (None)."""
     from punica.lora.peft import load_adapter
+    from punica.lora.read_buffer import use_scratch
 
+    use_scratch()
     base = buffer.data_ptr()
     while (job := conn.recv()) is not None:
         carver = Carver(buffer, job.offset, job.nbytes)
@@ -117,7 +122,7 @@ def _serve(conn: multiprocessing.connection.Connection, buffer: torch.Tensor, ar
         modules = [(key, _at(m.A, base), _at(m.B.T, base), m.scale)
                    for key, m in w.modules.items()]
         stacked = [(proj, _at(s.A, base), _at(s.Bt, base)) for proj, s in w.stacked.items()]
-        conn.send(("ok", modules, stacked, w.stamps))
+        conn.send(("ok", modules, stacked, w.stamps, carver.needed))
 
 
 class _Worker:
@@ -152,18 +157,21 @@ class ProcessReader:
         self._args = (arena.buffer, arch, max_rank, allow_pickle, dtype)
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
-        self._lock = threading.Lock()  # _all: loader threads replace a process that died
+        self._lock = threading.Lock()  # _all, _closed: loader threads replace a dead process
+        self._closed = False
         for _ in range(max(1, processes)):
             self._add()
         weakref.finalize(self, ProcessReader._stop_all, self._all)
 
     def _add(self) -> None:
-        worker = _Worker(self._ctx, self._args)
         with self._lock:
+            if self._closed:
+                return
+            worker = _Worker(self._ctx, self._args)
             self._all.append(worker)
         self._idle.put(worker)
 
-    def estimate(self, path: Path) -> int:
+    def estimate(self, path: Path) -> int:  # the registry reserves the same
         """Bytes to ask for first: the weights file's size, scaled to the pool's dtype as if
         the file were 16-bit, plus alignment for every tensor."""
         try:
@@ -193,7 +201,12 @@ class ProcessReader:
         raise AdapterLoadError(f"adapter at {path}: its size changed while it was read")
 
     def _run(self, job: Job, blocks: ArenaBlocks) -> tuple:
-        worker = self._idle.get()
+        try:
+            worker = self._idle.get(timeout=WAIT_S)
+        except queue.Empty:
+            blocks.release()
+            raise AdapterLoadError(f"adapter at {job.path}: no loader process became free in "
+                                   f"{WAIT_S:.0f} s") from None
         try:
             worker.conn.send(job)
             reply = worker.conn.recv()
@@ -201,9 +214,10 @@ class ProcessReader:
             blocks.release()
             log.error("adapter loader process died reading %s; starting another", job.path)
             with self._lock:
-                self._all.remove(worker)
+                if worker in self._all:
+                    self._all.remove(worker)
             worker.stop()
-            self._add()
+            self._add()  # (none once closed)
             raise AdapterLoadError(f"adapter at {job.path}: the loader process reading it "
                                    f"died ({type(err).__name__})") from None
         self._idle.put(worker)
@@ -214,7 +228,8 @@ class ProcessReader:
         from punica.lora.peft import AdapterWeights, ModuleLora
         from punica.lora.staged import Stacked
 
-        _, modules, stacked, stamps = reply
+        _, modules, stacked, stamps, used = reply
+        self.arena.shrink(blocks.offsets[0], used)  # the estimate's slack goes back
         view = self.arena.view
         weights = AdapterWeights(
             name=name, path=path,
@@ -228,7 +243,10 @@ class ProcessReader:
         return weights
 
     def close(self) -> None:
-        ProcessReader._stop_all(self._all)
+        with self._lock:
+            self._closed = True
+            workers, self._all[:] = list(self._all), []
+        ProcessReader._stop_all(workers)
 
     @staticmethod
     def _stop_all(workers: list[_Worker]) -> None:

@@ -53,6 +53,16 @@ class RangeAllocator:
                 return start
         return None
 
+    def shrink(self, offset: int, nbytes: int) -> None:
+        """Keep the first `nbytes` (rounded up to ALIGN) of the range at `offset`; free the
+        rest."""
+        size = self._size[offset]
+        keep = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        if keep < size:
+            self._size[offset] = keep
+            self._size[offset + keep] = size - keep
+            self.free(offset + keep)
+
     def free(self, offset: int) -> None:
         size = self._size.pop(offset)
         i = bisect.bisect(self._free, (offset, offset))
@@ -116,6 +126,11 @@ class PinnedArena:
         if offset is not None:
             blocks.offsets.append(offset)
         return offset
+
+    def shrink(self, offset: int, nbytes: int) -> None:
+        """Give back the end of a block past its first `nbytes` (what the adapter used)."""
+        with self._lock:
+            self.ranges.shrink(offset, nbytes)
 
     def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The tensor of `shape` and `dtype` at byte `offset` of the buffer."""

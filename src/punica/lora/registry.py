@@ -171,7 +171,8 @@ class AdapterRegistry:
             return False  # (reads in flight are bounded by the cache's count and bytes: a
             # queue of cold adapters does not read more than the cache can keep; the others
             # start as these land)
-        need = expected_bytes(src)
+        need = self.reader.estimate(Path(src.path)) if self.reader is not None else \
+            expected_bytes(src)
         if self.max_cached_bytes is not None:
             self._evict(set(), need)  # room for it now, before the loader allocates
             if self._reserved_bytes and \

@@ -33,13 +33,14 @@ def _open(srv: Server, prompts: list[list[int]], params: SamplingParams, adapter
     priority, tenant = srv.schedule_as(body.priority, body.user)
     who = tenant if tenant is not None else (adapter or "")
     srv.check_in_flight(who, len(prompts) * params.n)
+    tokens = sum(len(p) + max_tokens for p in prompts) * params.n
+    srv.charge_tokens(who, tokens)  # before anything reaches the engine
     rids: list[str] = []
     try:
         for p in prompts:
             rids.append(srv.engine.open(p, params, adapter, priority, tenant))
-        # charged once every prompt was accepted (a refused request costs nothing)
-        srv.charge_tokens(who, sum(len(p) + max_tokens for p in prompts) * params.n)
     except Exception:
+        srv.refund_tokens(who, tokens)  # a refused request costs its tenant nothing
         for rid in rids:
             srv.engine.cancel(rid)
         raise

@@ -96,9 +96,13 @@ class Server:
                                        self.settings.retry_after_s)
 
     def charge_tokens(self, tenant: str, tokens: int) -> None:
-        """Charge an admitted request's possible tokens (RateLimitedError past the limit)."""
+        """Charge a request's possible tokens (RateLimitedError past the limit)."""
         if self.token_windows is not None:
             self.token_windows.charge(tenant, tokens)
+
+    def refund_tokens(self, tenant: str, tokens: int) -> None:
+        if self.token_windows is not None:
+            self.token_windows.refund(tenant, tokens)
 
     def schedule_as(self, priority: int, user: str | None) -> tuple[int, str | None]:
         """(priority, tenant) for the engine; tenant None: the adapter's name."""

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from punica.errors import RateLimitedError, RequestTooLargeError
 
 WINDOW_S = 60.0
+SWEEP_EVERY = 256
+"""Every this many charges, every tenant's window is expired (not only the charged one's)."""
 
 
 class TokenWindows:
@@ -28,6 +30,7 @@ class TokenWindows:
         self.limit, self.clock = tokens_per_minute, clock
         self._charges: dict[str, deque[tuple[float, int]]] = {}
         self._sums: dict[str, int] = {}
+        self._count = 0
 
     def used(self, tenant: str) -> int:
         self._expire(tenant, self.clock())
@@ -37,8 +40,9 @@ class TokenWindows:
         """Admit `tokens` for `tenant` now, or raise RateLimitedError / RequestTooLargeError."""
         if tokens > self.limit:
             raise RequestTooLargeError(
-                f"this request may use {tokens} tokens, more than its tenant's limit of "
-                f"{self.limit} tokens per minute")
+                f"this request may use {tokens} tokens (its prompt and max_tokens for each "
+                f"completion), more than its tenant's limit of {self.limit} tokens per minute; "
+                "ask for fewer max_tokens")
         now = self.clock()
         self._expire(tenant, now)
         used = self._sums.get(tenant, 0)
@@ -49,6 +53,19 @@ class TokenWindows:
                 self._wait(tenant, now, used + tokens - self.limit))
         self._charges.setdefault(tenant, deque()).append((now, tokens))
         self._sums[tenant] = used + tokens
+        self._count += 1
+        if self._count % SWEEP_EVERY == 0:  # tenants that did not come back
+            for t in list(self._charges):
+                self._expire(t, now)
+
+    def refund(self, tenant: str, tokens: int) -> None:
+        """Take back the charge just made for a request that was then refused."""
+        charges = self._charges.get(tenant)
+        if charges and charges[-1][1] == tokens:
+            charges.pop()
+            self._sums[tenant] -= tokens
+            if not charges:
+                del self._charges[tenant], self._sums[tenant]
 
     def _wait(self, tenant: str, now: float, excess: int) -> int:
         """Whole seconds until `excess` tokens of charges have left the window."""

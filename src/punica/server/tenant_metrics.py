@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from punica.engine.scheduler import Scheduler
+from punica.engine.scheduler import OTHER_TENANT, Scheduler
 from punica.engine.sequence import Sequence
 
 OTHER = "other"
@@ -33,6 +33,8 @@ class TenantMetrics:
         registry.register(self)
 
     def label(self, tenant: str) -> str:
+        if tenant == OTHER_TENANT:
+            return OTHER
         if tenant in self._labels:
             return tenant or "base"
         if len(self._labels) >= self.max_tenants:
