@@ -226,6 +226,8 @@ class AsyncEngine:
         try:
             self.engine.add_request(rid, prompt_ids, params, adapter, priority, tenant)
         except Exception as err:  # noqa: BLE001 - delivered to the request's caller
+            # (open() validated it already: a refusal here is unexpected, so it is logged)
+            log.warning("the engine refused request %s: %s: %s", rid, type(err).__name__, err)
             self._deliver(rid, err)
 
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
