@@ -4,11 +4,11 @@ engine process's GIL.
 Loader threads in the engine's process release the GIL while they read and copy, but parsing and
 checking an adapter is Python, and every small torch call of the step thread gives the GIL away
 and must wait to get it back: on the 2-core CPU machine one loader thread reading an 80 MB adapter
-in a loop took a 300-op "step" from 2.3 to 13.1 ms at p99, two from 2.3 to 23.9 ms
+in a loop took a 300-op "step" from 1.2 to 17.8 ms at p99, two from 1.2 to 25.6 ms
 (`scripts/convoy_probe.py`, `benchmarks/results/convoy_probe_cpu.json`). Here each loader thread
 hands its read to a process of its own and waits on a pipe (the GIL released), so the engine
 process does only the bookkeeping: a few hundred Python operations per adapter (the same probe:
-9.2 and 13.4 ms, the processes still sharing the machine's two cores with the step). Opt-in
+7.8 and 15.7 ms, the processes still sharing the machine's two cores with the step). Opt-in
 (`--lora-loader-processes`) until measured on the GPU.
 
 The weights land in the engine's arena (`PinnedArena(shared=True)`: shared memory, registered
