@@ -356,6 +356,8 @@ class LLMEngine(AdapterOps):
             if has_placeholder(seq):
                 seq.output_ids.pop()
             if not ok:
+                log.warning("request %s failed: its output is not finite (adapter %r)",
+                            seq.request_id, seq.adapter)
                 self._fail_request(seq.request_id, AdapterFailedError(
                     "the model's output for this request is not finite (NaN or inf); "
                     f"adapter {seq.adapter!r} may overflow in {str(self.dtype)[6:]}"
@@ -377,6 +379,8 @@ class LLMEngine(AdapterOps):
         seq = next((s for s in self.scheduler.waiting
                     if s.adapter is None or self.adapter_ready(s.adapter)), None)
         if seq is not None:
+            log.warning("request %s failed: it needs %d tokens of KV cache, more than the "
+                        "engine can give one request", seq.request_id, seq.num_tokens)
             self._fail_request(seq.request_id, CapacityError(
                 f"this request needs {seq.num_tokens} tokens of KV cache, more than the engine "
                 "can ever give one request"))
