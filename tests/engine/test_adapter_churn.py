@@ -177,3 +177,30 @@ def test_loader_processes_serve_every_adapter_as_hf_peft(
                    for w in (registry.get(n) for n in registry.cached()))
     finally:
         registry.close()
+
+
+def test_a_loader_process_that_dies_fails_only_its_adapters_requests(
+        fleet: Fleet, base_alone: dict[int, list[int]]) -> None:
+    """The loader process is killed while idle: the next adapter read fails (its request gets
+    the reason), base-model requests beside it finish exactly as alone, and a new process serves
+    the next read of the same adapter."""
+    import os
+    import signal
+
+    engine = llm(fleet, max_loras=2, threads=1, processes=1)
+    registry = engine.engine.registry
+    try:
+        greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+        first = engine.generate([PROMPTS[0]], greedy, lora="qv8", use_tqdm=False)[0]
+        assert first.token_ids == fleet.oracle["qv8", 0]  # the process is up and serving
+        (worker,) = registry.reader._all
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.join(10)
+        outs = engine.generate(PROMPTS, greedy, lora=[None, "org/all4rs", None],
+                               use_tqdm=False)
+        assert outs[1].error is not None and "loader process" in str(outs[1].error)
+        assert [outs[0].token_ids, outs[2].token_ids] == [base_alone[0], base_alone[2]]
+        again = engine.generate([PROMPTS[1]], greedy, lora="org/all4rs", use_tqdm=False)[0]
+        assert again.error is None and again.token_ids == fleet.oracle["org/all4rs", 1]
+    finally:
+        registry.close()

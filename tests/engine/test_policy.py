@@ -198,13 +198,14 @@ def test_service_and_time_in_queue_are_counted_per_tenant() -> None:
                                    ("b", "prompt"): 3, ("b", "generated"): 1}
 
 
-def test_a_victim_scheduled_earlier_in_the_step_leaves_it() -> None:
-    """priority, 2 blocks of 4 tokens: low (value 9) is first in the running list and decodes
-    within its block; high (value 0) needs a second block: low is preempted although it was
-    scheduled first in this step, and its token goes back to the budget."""
+def low_first_after_one_token(low_prompt: int, high_prompt: int) -> tuple[Scheduler, Sequence,
+                                                                          Sequence]:
+    """priority, 2 blocks of 4 tokens: low (value 9) and high (value 0) admitted (high first)
+    and given one token each, then low put first in the running list."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
                                       policy="priority"), BlockManager(2, 4), AdapterSlots(1))
-    low, high = seq(0, priority=9, prompt_len=3), seq(1, priority=0, prompt_len=4)
+    low, high = seq(0, priority=9, prompt_len=low_prompt), seq(1, priority=0,
+                                                                prompt_len=high_prompt)
     sched.add(low)
     sched.add(high)
     out = sched.schedule()
@@ -212,7 +213,14 @@ def test_a_victim_scheduled_earlier_in_the_step_leaves_it() -> None:
     sched.advance(out)
     for s in (low, high):
         s.output_ids.append(7)
-    sched.running.reverse()  # low first in the running list
+    sched.running.reverse()
+    return sched, low, high
+
+
+def test_a_victim_scheduled_earlier_in_the_step_leaves_it() -> None:
+    """low decodes within its block; high needs a second block: low is preempted although it
+    was scheduled first in this step, and its token goes back to the budget."""
+    sched, low, high = low_first_after_one_token(low_prompt=3, high_prompt=4)
     out = sched.schedule()
     assert ids(out.preempted) == [0] and ids([s.seq for s in out.scheduled]) == [1]
     assert out.num_tokens == 1 and sched.waiting[0] is low and sched.blocks.num_free == 0
@@ -222,18 +230,9 @@ def test_a_victim_scheduled_earlier_in_the_step_leaves_it() -> None:
 
 
 def test_a_sequence_that_preempts_itself_leaves_the_rest_scheduled() -> None:
-    """priority: low needs a block and is itself the policy's victim; the sequences after it in
-    the running list are still scheduled in the same step."""
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
-                                      policy="priority"), BlockManager(2, 4), AdapterSlots(1))
-    low, high = seq(0, priority=9, prompt_len=4), seq(1, priority=0, prompt_len=3)
-    sched.add(low)
-    sched.add(high)
-    out = sched.schedule()
-    sched.advance(out)
-    for s in (low, high):
-        s.output_ids.append(7)
-    sched.running.reverse()  # low first: it needs a 2nd block, high decodes in its own
+    """low needs a block and is itself the policy's victim; high, after it in the running
+    list, is still scheduled in the same step."""
+    sched, low, high = low_first_after_one_token(low_prompt=4, high_prompt=3)
     out = sched.schedule()
     assert ids(out.preempted) == [0] and ids([s.seq for s in out.scheduled]) == [1]
     sched.finish(high, "stop")

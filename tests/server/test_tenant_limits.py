@@ -71,6 +71,11 @@ def test_in_flight_limit_answers_429_for_that_tenant_only(limited: Running) -> N
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert "in flight" in refused.json()["error"]["message"]
     assert calm.status_code == 200 and calm.json()["usage"]["completion_tokens"] == 8
+    alone = httpx.post(f"{limited.url}/v1/completions", headers=HEADERS, timeout=60,
+                       json=body("calm", 8))
+    assert alone.json()["choices"][0]["text"] == calm.json()["choices"][0]["text"]
+    texts = {r.json()["choices"][0]["text"] for r in flood if r.status_code == 200}
+    assert len(texts) == 1  # the admitted flood requests (one prompt) answer alike
 
 
 def test_tokens_per_minute_answers_429_with_retry_after(limited: Running) -> None:

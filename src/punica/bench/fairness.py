@@ -60,9 +60,9 @@ def trace(n_a: int, rate: float, flood: float, maxlen: int, seed: int) -> list[R
 
 
 def weighted(service: dict[tuple[str, str], int], tenant: str) -> float:
-    w = Fair()
-    return service.get((tenant, "prompt"), 0) * w.prefill_weight + \
-        service.get((tenant, "generated"), 0) * w.decode_weight
+    """A tenant's service weighted as the fair policy's defaults count it."""
+    return service.get((tenant, "prompt"), 0) * Fair.prefill_weight + \
+        service.get((tenant, "generated"), 0) * Fair.decode_weight
 
 
 def replay(engine: LLMEngine, reqs: list[Request], vocab: int, label: str) -> dict:

@@ -36,6 +36,18 @@ class ScheduledLike(Protocol):
     start: int
 
 
+def new_tokens(s: ScheduledLike, counted: int) -> tuple[int, int, int]:
+    """(end, prompt, generated) of a scheduled chunk: the positions it computes past `counted`
+    (a high-water mark: recomputation after a preemption is not new), split into prompt
+    positions and generated tokens fed back."""
+    end = s.start + s.num_new_tokens
+    begin = max(s.start, counted)
+    if end <= begin:
+        return end, 0, 0
+    prompt = max(0, min(end, len(s.seq.prompt_ids)) - begin)
+    return end, prompt, end - begin - prompt
+
+
 class SchedulingPolicy(Protocol):
     name: str
 
@@ -137,13 +149,10 @@ class Fair:
 
     def charge(self, scheduled: Iterable[ScheduledLike]) -> None:
         for s in scheduled:
-            seq, end = s.seq, s.start + s.num_new_tokens
-            begin = max(s.start, self._charged.get(seq.seq_id, 0))
-            if end <= begin:
+            seq = s.seq
+            end, prefill, decode = new_tokens(s, self._charged.get(seq.seq_id, 0))
+            if not prefill + decode:
                 continue
-            prompt = len(seq.prompt_ids)
-            prefill = max(0, min(end, prompt) - begin)
-            decode = (end - begin) - prefill
             cost = prefill * self.prefill_weight + decode * self.decode_weight
             self.counters[seq.tenant] = self.counters.get(seq.tenant, 0.0) + \
                 cost / self.weights.get(seq.tenant, 1.0)

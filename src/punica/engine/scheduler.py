@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from punica.engine.block_manager import BlockManager
-from punica.engine.policy import POLICIES, make_policy
+from punica.engine.policy import POLICIES, make_policy, new_tokens
 from punica.engine.sequence import SeqStatus, Sequence
 from punica.lora.slots import AdapterSlots
 
@@ -127,18 +127,16 @@ class Scheduler:
 
     def _count_service(self, scheduled: list[ScheduledSeq]) -> None:
         for s in scheduled:
-            end = s.start + s.num_new_tokens
-            begin = max(s.start, self._served.get(s.seq.seq_id, 0))
-            if end <= begin:
+            end, prompt, generated = new_tokens(s, self._served.get(s.seq.seq_id, 0))
+            if not prompt + generated:
                 continue
             self._served[s.seq.seq_id] = end
             tenant = s.seq.tenant
             if (tenant, "prompt") not in self.service and \
                     len(self.service) >= 2 * MAX_TENANTS:
                 tenant = OTHER_TENANT
-            prompt = max(0, min(end, len(s.seq.prompt_ids)) - begin)
             self.service[tenant, "prompt"] += prompt
-            self.service[tenant, "generated"] += end - begin - prompt
+            self.service[tenant, "generated"] += generated
 
     def _schedule_running(self, out: SchedulerOutput, total: int) -> int:
         """Schedule the running sequences within `total` tokens (out.scheduled starts empty);
@@ -150,9 +148,11 @@ class Scheduler:
             if n == 0:  # its next token is still being sampled (async scheduling): skip
                 i += 1
                 continue
+            victims = len(out.preempted)
             if not self._make_room(out, seq, n):
                 continue  # seq itself was the victim: running[i] is the next one now
-            i = self.running.index(seq)  # victims before it have left the list
+            if len(out.preempted) > victims:
+                i = self.running.index(seq)  # victims before it may have left the list
             self.blocks.allocate(seq.seq_id, seq.num_computed + n)
             out.scheduled.append(ScheduledSeq.of(seq, n))
             budget = total - out.num_tokens  # (a victim's tokens came back)
